@@ -1,0 +1,559 @@
+"""One typed, frozen config tree for a run: mixture, tokenizer, model, train, prepare.
+
+Defaults are the CodeLion GPT-2 70M recipe (DESIGN.md); a mixture YAML holds only what differs, and
+`key.sub=value` overrides come last. Every field carries its doc in `metadata["doc"]`. Any unknown key,
+wrong type or bad value raises `ConfigError` naming the file (or the override), the key and a fix.
+
+    cfg = load_config("mixtures/codelion_502030.yaml", ["train.lr=3e-4", "mixture.total_tokens=50M"])
+
+Relative paths inside a YAML file (local sources, blog folders) are resolved against the folder that
+holds the YAML file, so a spec means the same thing whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sparknet.errors import SparknetError
+
+
+class ConfigError(SparknetError):
+    def __init__(self, where: str, key: str, reason: str):
+        super().__init__(f"{where}: {key or '<top level>'}: {reason}")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TOKEN_SUFFIX = {"k": 10**3, "K": 10**3, "M": 10**6, "m": 10**6, "B": 10**9, "b": 10**9, "G": 10**9}
+
+SourceKind = Literal["hf", "local", "blog", "pydocs"]
+PydocsPart = Literal["docstrings", "readmes", "code"]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source of documents in the mixture."""
+
+    name: str = _f("", "Short unique name; used in reports, metrics and as a folder name.")
+    kind: SourceKind = _f("hf", "hf: a Hugging Face dataset; local: files matching `path` (a glob or "
+                          "folder of jsonl/json/parquet/txt/md/html); blog: a folder of posts, one "
+                          "document each, front matter and markup stripped; pydocs: text of the "
+                          "installed Python (stdlib docstrings, package READMEs or stdlib code).")
+    weight: float | None = _f(None, "Share of the training tokens (weights are normalized). Omit "
+                              "when `mixture.stages` gives the weights.")
+    path: str = _f("", "hf: dataset id or local dataset folder; local/blog: glob or folder.")
+    revision: str = _f("main", "hf: git revision of the dataset; pin a commit sha for exact reruns.")
+    subset: str | None = _f(None, "hf: dataset configuration name, if it has several.")
+    split: str = _f("train", "hf: split to read.")
+    text_field: str = _f("text", "hf/local jsonl/json/parquet: the column that holds the text.")
+    streaming: bool = _f(True, "hf: stream rows instead of downloading the whole dataset first.")
+    part: PydocsPart = _f("docstrings", "pydocs: which text of the installed Python to read.")
+    max_repeats: float = _f(1.0, "Most epochs the plan may take over this source's training "
+                            "tokens; prepare fails before training if the share needs more.")
+    max_document_bytes: int = _f(64 * 2**20, "A single document (or jsonl line) larger than this is "
+                                 "an error rather than a silent memory blow-up.")
+
+    def validate(self, at: _At) -> None:
+        if not self.name:
+            at.fail("name", "is required", "give the source a short name such as `dclm`")
+        if not _SAFE_NAME.match(self.name) or self.name in (".", ".."):
+            at.fail("name", f"{self.name!r} is not a safe path component",
+                    "use letters, digits, '.', '_' or '-' (at most 64, not starting with '.' or '-')")
+        if self.weight is not None and (not math.isfinite(self.weight) or self.weight < 0):
+            at.fail("weight", f"must be a finite number >= 0, got {self.weight}", "fix the weight")
+        if self.kind in ("hf", "local", "blog") and not self.path:
+            at.fail("path", f"is required for kind {self.kind!r}",
+                    "set `path` (dataset id, glob or folder)")
+        if not (self.max_repeats > 0 and math.isfinite(self.max_repeats)):
+            at.fail("max_repeats", f"must be > 0, got {self.max_repeats}", "use e.g. 1.0 or 4")
+        if self.max_document_bytes <= 0:
+            at.fail("max_document_bytes", "must be > 0", "use e.g. 67108864")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A curriculum stage: from `start_fraction` of training on, these weights hold."""
+
+    start_fraction: float = _f(0.0, "Fraction of the training tokens at which the stage begins.")
+    weights: dict[str, float] = _f({}, "Weight per source name; sources not listed get 0.")
+
+    def validate(self, at: _At) -> None:
+        if not 0.0 <= self.start_fraction < 1.0:
+            at.fail("start_fraction", f"must be in [0, 1), got {self.start_fraction}",
+                    "use a fraction such as 0.8")
+        for name, w in self.weights.items():
+            if not math.isfinite(w) or w < 0:
+                at.fail(f"weights.{name}", f"must be a finite number >= 0, got {w}", "fix the weight")
+        if not any(w > 0 for w in self.weights.values()):
+            at.fail("weights", "are all zero or missing", "give at least one source a weight > 0")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """What the model is trained on, and exactly how much of each source."""
+
+    total_tokens: int = _f(1_000_000_000, "Training tokens (predicted positions) in the whole run; "
+                           "accepts 1B, 50M, 250k.", tokens=True)
+    sources: tuple[SourceConfig, ...] = _f((), "The sources; at least one.")
+    stages: tuple[StageConfig, ...] = _f((), "Optional curriculum: weights that change at given "
+                                         "fractions of training; the first starts at 0.")
+    val_tokens: int = _f(1_048_576, "Tokens per source held out for validation (whole documents "
+                         "from the start of the source); never trained on.", tokens=True)
+    seed: int = _f(1234, "Seed of the interleaving and of the sequence order within each source.")
+    window_fraction: float = _f(0.01, "Every aligned window of this fraction of training holds "
+                                "each source's share to within one sequence.")
+
+    def validate(self, at: _At) -> None:
+        if self.total_tokens <= 0:
+            at.fail("total_tokens", f"must be > 0, got {self.total_tokens}", "use e.g. 1B or 50M")
+        if self.val_tokens < 0:
+            at.fail("val_tokens", f"must be >= 0, got {self.val_tokens}", "use e.g. 1M")
+        if not 0.0 < self.window_fraction <= 1.0:
+            at.fail("window_fraction", f"must be in (0, 1], got {self.window_fraction}", "use 0.01")
+        if not self.sources:
+            at.fail("sources", "the mixture has no sources", "list at least one under mixture.sources")
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                at.fail(f"sources[{i}].name", f"duplicate source name {name!r}",
+                        "give every source a different name")
+        if self.stages:
+            if any(s.weight is not None for s in self.sources):
+                bad = next(i for i, s in enumerate(self.sources) if s.weight is not None)
+                at.fail(f"sources[{bad}].weight", "weights are given both per source and by stages",
+                        "keep weights in mixture.stages only")
+            starts = [st.start_fraction for st in self.stages]
+            if starts[0] != 0.0:
+                at.fail("stages[0].start_fraction", f"must be 0, got {starts[0]}",
+                        "start the first stage at 0.0")
+            for i in range(1, len(starts)):
+                if starts[i] <= starts[i - 1]:
+                    at.fail(f"stages[{i}].start_fraction", "stages must start in increasing order",
+                            "sort the stages by start_fraction")
+            for i, st in enumerate(self.stages):
+                for name in st.weights:
+                    if name not in names:
+                        at.fail(f"stages[{i}].weights.{name}", f"no source named {name!r}",
+                                f"use one of {', '.join(names)}")
+        else:
+            for i, s in enumerate(self.sources):
+                if s.weight is None:
+                    at.fail(f"sources[{i}].weight", "is required (no stages given)",
+                            "give every source a weight, e.g. 0.3")
+            if not any((s.weight or 0) > 0 for s in self.sources):
+                at.fail("sources", "all weights are zero", "give at least one source a weight > 0")
+
+    def stage_list(self) -> list[tuple[float, dict[str, float]]]:
+        """(start_fraction, weights by source name) per stage; one stage when none are configured."""
+        names = [s.name for s in self.sources]
+        if not self.stages:
+            return [(0.0, {s.name: float(s.weight or 0.0) for s in self.sources})]
+        return [(st.start_fraction, {n: float(st.weights.get(n, 0.0)) for n in names})
+                for st in self.stages]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How text becomes token ids."""
+
+    name: str = _f("gpt2", "gpt2: OpenAI's GPT-2 BPE, offline and exact; bpe: a byte-level BPE "
+                   "trained on the mixture; anything else: a Hugging Face tokenizer id or folder.")
+    revision: str = _f("main", "Revision of a Hugging Face tokenizer id.")
+    vocab_size: int = _f(32_768, "bpe: vocabulary size to train (at most 65,535 for uint16 shards).")
+    train_bytes_per_source: int = _f(32 * 2**20, "bpe: text read from each source to train on.")
+
+    def validate(self, at: _At) -> None:
+        if not self.name:
+            at.fail("name", "is empty", "use gpt2, bpe, or a Hugging Face tokenizer id or folder")
+        if not 256 < self.vocab_size <= 65_535:
+            at.fail("vocab_size", f"must be in (256, 65535], got {self.vocab_size}", "use e.g. 32768")
+        if self.train_bytes_per_source <= 0:
+            at.fail("train_bytes_per_source", "must be > 0", "use e.g. 33554432")
+
+
+# name -> (n_layer, n_head, n_embd, n_positions)
+MODEL_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "gpt2-70m": (12, 8, 512, 1024),  # CodeLion's shape: 64.09M parameters with a 50,257 vocab
+    "gpt2-124m": (12, 12, 768, 1024),  # GPT-2 small
+    "cpu-small": (4, 4, 128, 256),  # a few M parameters: minutes on a laptop CPU
+    "cpu-tiny": (2, 2, 64, 128),  # for tests: seconds on a CPU
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT-2 shape; explicit fields override the preset's."""
+
+    preset: str = _f("gpt2-70m", f"One of {', '.join(MODEL_PRESETS)}.")
+    n_layer: int | None = _f(None, "Transformer blocks (default: the preset's).")
+    n_head: int | None = _f(None, "Attention heads (default: the preset's).")
+    n_embd: int | None = _f(None, "Model width d_model (default: the preset's).")
+    n_positions: int | None = _f(None, "Context length (default: the preset's).")
+
+    def validate(self, at: _At) -> None:
+        if self.preset not in MODEL_PRESETS:
+            at.fail("preset", f"unknown preset {self.preset!r}", f"use one of {', '.join(MODEL_PRESETS)}")
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                at.fail(key, f"must be > 0, got {v}", "remove it to use the preset's value")
+        if self.shape()[2] % self.shape()[1]:
+            at.fail("n_embd", f"{self.shape()[2]} is not divisible by n_head {self.shape()[1]}",
+                    "choose n_embd a multiple of n_head")
+
+    def shape(self) -> tuple[int, int, int, int]:
+        """(n_layer, n_head, n_embd, n_positions) after applying overrides to the preset."""
+        base = MODEL_PRESETS.get(self.preset, MODEL_PRESETS["gpt2-70m"])
+        vals = (self.n_layer, self.n_head, self.n_embd, self.n_positions)
+        return tuple(v if v is not None else b for v, b in zip(vals, base))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimization recipe (CodeLion's by default)."""
+
+    seq_len: int = _f(1024, "Tokens per training sequence (at most the model's context).")
+    micro_batch_size: int = _f(24, "Sequences per forward pass per process.")
+    grad_accum_steps: int = _f(5, "Micro-batches per optimizer step: 24 x 5 x 1024 = 122,880 tokens.")
+    lr: float = _f(5e-4, "Peak learning rate.")
+    min_lr: float = _f(5e-5, "Final learning rate of the decay.")
+    schedule: Literal["cosine", "linear", "wsd"] = _f("cosine", "Decay shape after warmup.")
+    warmup_fraction: float = _f(0.02, "Warmup as a fraction of the token budget.")
+    decay_fraction: float = _f(0.2, "wsd: final fraction of the budget spent decaying.")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to biases, norms, embeddings).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
+    precision: Literal["bf16", "fp32"] = _f("bf16", "Mixed precision on CUDA; CPU runs use fp32.")
+    seed: int = _f(1337, "Seed of the model initialization.")
+
+    def validate(self, at: _At) -> None:
+        for key in ("seq_len", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, key) <= 0:
+                at.fail(key, f"must be > 0, got {getattr(self, key)}", "use a positive integer")
+        if not self.lr > 0:
+            at.fail("lr", f"must be > 0, got {self.lr}", "use e.g. 5e-4")
+        if not 0 <= self.min_lr <= self.lr:
+            at.fail("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}", "use e.g. lr / 10")
+        for key in ("warmup_fraction", "decay_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                at.fail(key, f"must be in [0, 1), got {getattr(self, key)}", "use e.g. 0.02")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                at.fail(key, f"must be in [0, 1), got {getattr(self, key)}", "use e.g. 0.95")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            at.fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0",
+                    "use a non-negative value")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How the token store is built."""
+
+    workers: int = _f(0, "Tokenizer processes; 0 means one per CPU core.")
+    shard_tokens: int = _f(2**25, "Tokens per shard file (a shard ends at a document boundary).",
+                           tokens=True)
+    batch_documents: int = _f(256, "Documents sent to a worker at a time.")
+
+    def validate(self, at: _At) -> None:
+        if self.workers < 0:
+            at.fail("workers", f"must be >= 0, got {self.workers}", "use 0 for one per core")
+        if self.shard_tokens < 1024:
+            at.fail("shard_tokens", f"must be >= 1024, got {self.shard_tokens}", "use e.g. 32M")
+        if self.batch_documents <= 0:
+            at.fail("batch_documents", "must be > 0", "use e.g. 256")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; `load_config` builds it from a mixture YAML and overrides."""
+
+    name: str = _f("", "Name of the mixture/run (default: the YAML file's stem).")
+    lab_dir: str = _f("lab", "Where the lab keeps its state (token cache, stores, runs).")
+    mixture: MixtureConfig = _f(MixtureConfig(), "The data mixture.")
+    tokenizer: TokenizerConfig = _f(TokenizerConfig(), "The tokenizer.")
+    model: ModelConfig = _f(ModelConfig(), "The model shape.")
+    train: TrainConfig = _f(TrainConfig(), "The optimization recipe.")
+    prepare: PrepareConfig = _f(PrepareConfig(), "Token store preparation.")
+
+    def validate(self, at: _At) -> None:
+        if not _SAFE_NAME.match(self.name):
+            at.fail("name", f"{self.name!r} is not a safe path component",
+                    "use letters, digits, '.', '_' or '-'")
+        n_positions = self.model.shape()[3]
+        if self.train.seq_len > n_positions:
+            at.fail("train.seq_len", f"{self.train.seq_len} exceeds the model's context {n_positions}",
+                    "lower train.seq_len or raise model.n_positions")
+        num_sequences = -(-self.mixture.total_tokens // self.train.seq_len)
+        for i, (start, _) in enumerate(self.mixture.stage_list()):
+            if int(round(start * num_sequences)) >= num_sequences and i > 0:
+                at.fail(f"mixture.stages[{i}].start_fraction",
+                        f"the budget of {num_sequences} sequences leaves this stage empty",
+                        "raise mixture.total_tokens or move the stage earlier")
+
+    @property
+    def lab_path(self) -> Path:
+        return Path(self.lab_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> dict -> typed, validated, frozen tree.
+
+
+class _At:
+    """Where a value came from, for error messages: the YAML file or the override that set it."""
+
+    def __init__(self, file: str, prefix: str, origins: dict[str, str]):
+        self.file, self.prefix, self.origins = file, prefix, origins
+
+    def key(self, sub: str) -> str:
+        return f"{self.prefix}.{sub}" if self.prefix and sub else (self.prefix or sub)
+
+    def child(self, sub: str) -> _At:
+        return _At(self.file, self.key(sub), self.origins)
+
+    def where(self, key: str) -> str:
+        # An override names itself; otherwise the file is to blame.
+        for k in (key, *_parents(key)):
+            if k in self.origins:
+                return self.origins[k]
+        return self.file
+
+    def fail(self, sub: str, reason: str, fix: str = "") -> typing.NoReturn:
+        key = self.key(sub)
+        raise ConfigError(self.where(key), key, f"{reason}" + (f" (fix: {fix})" if fix else ""))
+
+
+def _parents(key: str) -> list[str]:
+    parts = re.split(r"\.", key)
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def parse_tokens(value: Any) -> int:
+    """'1B' -> 1_000_000_000, '50M', '250k', '1_000', 1e9 -> int; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a token count")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"{value} is not a whole number of tokens")
+    if isinstance(value, str):
+        s = value.strip().replace("_", "").replace(",", "")
+        mult = 1
+        if s and s[-1] in _TOKEN_SUFFIX:
+            mult, s = _TOKEN_SUFFIX[s[-1]], s[:-1]
+        x = float(s)
+        if not math.isfinite(x) or not (x * mult).is_integer():
+            raise ValueError(f"{value!r} is not a whole number of tokens")
+        return int(x * mult)
+    raise ValueError(f"expected a token count such as 50M, got {type(value).__name__}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, at, key, meta)
+    if origin is Literal:
+        if value not in args:
+            at.fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            at.fail(key, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, at.child(key))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            at.fail(key, f"must be a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, at, f"{key}[{i}]", meta) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            at.fail(key, f"must be a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, at, f"{key}.{k}", meta) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        at.fail(key, f"must be true or false, got {value!r}")
+    if tp is int:
+        try:
+            if meta.get("tokens"):
+                return parse_tokens(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and re.fullmatch(r"[+-]?\d[\d_]*", value.strip()):
+                return int(value.replace("_", ""))
+        except ValueError as exc:
+            at.fail(key, str(exc), "use a whole number such as 50M or 1_000_000")
+        at.fail(key, f"must be a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        at.fail(key, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        at.fail(key, f"must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user error
+
+
+def _build(cls: type, data: dict, at: _At) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            at.fail(str(key), "unknown key",
+                    f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
+    kwargs = {}
+    for name, fld in known.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], at, name, dict(fld.metadata))
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(at)
+    return obj
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    for src in (raw.get("mixture") or {}).get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
+            kind = src.get("kind", "hf")
+            p = os.path.expandvars(os.path.expanduser(src["path"]))
+            looks_local = kind in ("local", "blog") or p.startswith((".", "/", "~"))
+            if looks_local and not os.path.isabs(p):
+                p = str((base / p).resolve())
+            src["path"] = p
+
+
+def _apply_override(raw: dict, text: str, origins: dict[str, str]) -> None:
+    label = f"override {text!r}"
+    if "=" not in text:
+        raise ConfigError(label, "", "expected key.sub=value, e.g. train.lr=3e-4")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(label, key, "malformed key; expected key.sub=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node: Any = raw
+    path_so_far: list[str] = []
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            # Address list items by index or by their `name` (mixture.sources.dclm.weight=0.4).
+            idx = next((j for j, it in enumerate(node) if isinstance(it, dict) and it.get("name") == part),
+                       None)
+            if idx is None and part.isdigit() and int(part) < len(node):
+                idx = int(part)
+            if idx is None:
+                names = [it.get("name") for it in node if isinstance(it, dict)]
+                raise ConfigError(label, ".".join(parts[: i + 1]),
+                                  f"no list item named {part!r} (have: {', '.join(map(str, names))})")
+            node = node[idx]
+            path_so_far.append(f"[{idx}]")
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(label, ".".join(parts[: i + 1]), "is not a section")
+            node = node.setdefault(part, {})
+            path_so_far.append(part)
+    if not isinstance(node, dict):
+        raise ConfigError(label, key, "cannot set a field on a non-section")
+    node[parts[-1]] = value
+    canonical = ".".join(path_so_far + [parts[-1]]).replace(".[", "[")
+    origins[canonical] = label
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a mixture YAML, apply `key.sub=value` overrides, and return the validated tree."""
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(file, "", "file not found (fix: pass a path such as mixtures/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(file, "", f"{line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", f"must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", p.stem)
+    origins: dict[str, str] = {}
+    for text in overrides:
+        _apply_override(raw, text, origins)
+    _resolve_paths(raw, p.resolve().parent)
+    return _build(RunConfig, raw, _At(file, "", origins))
+
+
+def config_from_dict(raw: dict, where: str = "<dict>") -> RunConfig:
+    """Build a config from a plain dict (tests, sweeps); paths are taken as given."""
+    raw = dict(raw)
+    raw.setdefault("name", "run")
+    return _build(RunConfig, raw, _At(where, "", {}))
+
+
+def to_dict(cfg: Any) -> Any:
+    """The tree as plain dicts/lists (for YAML dumps, manifests and MLflow params)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """Flattened `key -> doc` of every field, for `--help-config` and the README."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+        if dataclasses.is_dataclass(inner):
+            out.update(field_docs(inner, key + ("[]." if inner is not tp else ".")))
+        else:
+            out[key] = f"{f.metadata.get('doc', '')} [{_type_name(tp)}]"
+    return out

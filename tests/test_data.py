@@ -1,0 +1,117 @@
+"""Loader: batches are a pure function of (plan, step); realized per-source tokens equal the plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparknet.config import config_from_dict
+from sparknet.data import IGNORE_INDEX, Loader
+from sparknet.prepare import prepare
+from sparknet.store import open_store
+
+
+def docs_for(prefix: str, n: int) -> list[str]:
+    return [f"{prefix} item {i}: " + " ".join(f"{prefix}{j}" for j in range(i % 13 + 5)) for i in range(n)]
+
+
+@pytest.fixture
+def prepared(tmp_path, write_jsonl):
+    write_jsonl("a/a.jsonl", docs_for("alpha", 300))
+    write_jsonl("b/b.jsonl", docs_for("beta", 200))
+    cfg = config_from_dict({
+        "lab_dir": str(tmp_path / "lab"),
+        "mixture": {"total_tokens": 20_000, "val_tokens": 200, "sources": [
+            {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 0.7, "max_repeats": 5},
+            {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": 0.3, "max_repeats": 5}]},
+        "model": {"preset": "cpu-tiny"},
+        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 3},
+        "prepare": {"shard_tokens": 2048},
+    })
+    return prepare(cfg, workers=1, progress=False)
+
+
+def test_realized_tokens_per_source_equal_the_plan_and_the_spec(prepared):
+    loader = prepared.loader()
+    realized = loader.tokens_per_source_realized()
+    assert realized.tolist() == prepared.plan.tokens_per_source().tolist()
+    assert realized.sum() == 20_000  # exactly the budget
+    spec = np.array([0.7, 0.3]) * 20_000
+    assert (np.abs(realized - spec) < 64).all()  # within one sequence of weight x budget
+
+
+def test_processes_split_each_step_and_read_every_sequence_once(prepared):
+    loader = prepared.loader(world_size=2)
+    seen = []
+    for step in range(loader.num_steps):
+        for micro in range(loader.grad_accum_steps):
+            for rank in range(2):
+                idx = loader.batch(step, micro, rank).sequence_index
+                seen.extend(idx[idx >= 0].tolist())
+    assert sorted(seen) == list(range(prepared.plan.num_sequences))
+    assert loader.tokens_per_source_realized().tolist() == prepared.plan.tokens_per_source().tolist()
+
+
+def test_batches_survive_a_restart_exactly(prepared):
+    loader = prepared.loader()
+    before = [loader.batch(k, m) for k in (0, 5, loader.num_steps - 1) for m in range(3)]
+    # a "restarted" process: stores reopened from disk, a fresh loader, steps asked out of order
+    stores = {n: open_store(s.dir) for n, s in prepared.stores.items()}
+    fresh = Loader(prepared.plan, stores, 4, 3)
+    after = [fresh.batch(k, m) for k in (0, 5, loader.num_steps - 1) for m in range(3)]
+    for a, b in zip(before, after):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(a.source_ids, b.source_ids)
+
+
+def test_batch_rows_are_store_windows_with_shifted_labels_and_source_ids(prepared):
+    loader = prepared.loader()
+    bt = loader.batch(2, 1)
+    for row in range(bt.input_ids.shape[0]):
+        n = int(bt.sequence_index[row])
+        src = int(prepared.plan.source_of[n])
+        assert bt.source_ids[row] == src
+        window = loader.sources[src].sequence(int(prepared.plan.ordinal[n]))
+        assert np.array_equal(bt.input_ids[row], window[:-1])
+        assert np.array_equal(bt.labels[row], window[1:])
+    assert bt.num_tokens == bt.labels.size
+
+
+def test_last_step_is_padded_and_masked(prepared):
+    loader = prepared.loader()
+    plan = prepared.plan
+    last = [loader.batch(loader.num_steps - 1, m) for m in range(3)]
+    rows = np.concatenate([b.sequence_index for b in last])
+    assert rows.max() == plan.num_sequences - 1
+    for b in last:
+        pad = b.sequence_index < 0
+        assert (b.labels[pad] == IGNORE_INDEX).all() and (b.source_ids[pad] == -1).all()
+    final = next(b for b in last if (b.sequence_index == plan.num_sequences - 1).any())
+    row = int(np.flatnonzero(final.sequence_index == plan.num_sequences - 1)[0])
+    assert (final.labels[row] != IGNORE_INDEX).sum() == plan.last_len
+
+
+def test_each_epoch_visits_every_slot_once_before_repeating(prepared):
+    loader = prepared.loader()
+    a = loader.sources[0]
+    slots = a.num_slots
+    starts = [int(a._order(0)[k]) for k in range(slots)]
+    assert sorted(starts) == list(range(slots))
+    first, second = a._order(0), a._order(1)
+    assert not np.array_equal(first, second)  # a new order each epoch
+    assert np.array_equal(a.sequence(slots), a.sequence(slots))  # deterministic
+    factors = loader.repeat_factors()
+    assert factors[0] == prepared.plan.sequences_per_source()[0] / slots
+    assert (factors > 1).all()  # this tiny corpus is repeated, and the loader says by how much
+    assert factors.tolist() == pytest.approx([s.repeat_factor for s in prepared.sources])
+
+
+def test_val_slice_is_never_trained_on(prepared):
+    for name, st in prepared.stores.items():
+        val = st.val().read(0, st.val_tokens)
+        train = st.train().read(0, st.train_tokens)
+        assert st.val_tokens >= 200
+        # the held-out documents are the source's first ones; training starts after them
+        val_docs = {tuple(d) for d in np.split(val, np.flatnonzero(val == 50256)[:-1] + 1)}
+        train_docs = {tuple(d) for d in np.split(train, np.flatnonzero(train == 50256)[:-1] + 1)}
+        assert val_docs and not (val_docs & train_docs), name

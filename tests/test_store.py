@@ -1,0 +1,165 @@
+"""Token store: exact contents, idempotence, extension, and a SIGKILLed prepare resumed byte-identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparknet.config import SourceConfig
+from sparknet.errors import SparknetError
+from sparknet.store import open_store, prepare_source
+from sparknet.tokenizer import TiktokenGPT2
+
+TOK = TiktokenGPT2()
+DOCS = [f"Document number {i} says {'hello ' * (i % 7 + 1)}and ends." for i in range(400)]
+
+
+def local_source(path: Path, **kw) -> SourceConfig:
+    return SourceConfig(name="docs", kind="local", path=str(path), weight=1.0, **kw)
+
+
+def stream_of(docs: list[str]) -> np.ndarray:
+    ids: list[int] = []
+    for d in docs:
+        ids += TOK.encode(d) + [TOK.eot_id]
+    return np.array(ids)
+
+
+def test_store_holds_val_then_train_with_eot_between_documents(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    st = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=10**9, val_tokens=100,
+                        shard_tokens=1024)
+    full = stream_of(DOCS)
+    val, train = st.val().read(0, st.val_tokens), st.train().read(0, st.train_tokens)
+    # val = whole documents from the start, just past 100 tokens; train = all the rest; nothing shared
+    assert np.array_equal(np.concatenate([val, train]), full)
+    assert val[-1] == TOK.eot_id and 100 <= st.val_tokens < 100 + 20
+    assert st.manifest["exhausted"] and st.manifest["documents"] == 400
+    assert all(abs(s["tokens"] - 1024) < 30 for s in st.manifest["train_shards"][:-1])  # shards end at a doc
+    assert st.dtype == np.uint16 and st.verify() == []
+
+
+def test_only_what_the_budget_needs_then_extension(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    src = local_source(path)
+    small = prepare_source(src, TOK, tmp_path, train_tokens_needed=2000, val_tokens=0, shard_tokens=1024)
+    assert 2000 <= small.train_tokens < 2000 + 30 and not small.manifest["exhausted"]
+    first_files = {s["file"]: (small.dir / s["file"]).read_bytes() for s in small.manifest["train_shards"]}
+    big = prepare_source(src, TOK, tmp_path, train_tokens_needed=4000, val_tokens=0, shard_tokens=1024)
+    assert big.dir == small.dir and big.train_tokens >= 4000 and not big.manifest["exhausted"]
+    for name, data in first_files.items():  # extension appends; it never rewrites what was there
+        assert (big.dir / name).read_bytes() == data
+    assert np.array_equal(big.train().read(0, big.train_tokens), stream_of(DOCS)[: big.train_tokens])
+    assert big.verify() == []
+
+
+def test_second_run_does_no_work(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    src = local_source(path)
+    prepare_source(src, TOK, tmp_path, train_tokens_needed=3000, val_tokens=50, shard_tokens=1024)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "tokens").rglob("*.bin")}
+    written = []
+    again = prepare_source(src, TOK, tmp_path, train_tokens_needed=3000, val_tokens=50, shard_tokens=1024,
+                           on_tokens=written.append)
+    assert written == [] and again.train_tokens >= 3000
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tokens").rglob("*.bin")} == mtimes
+
+
+def test_store_is_content_addressed(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    a = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=500, val_tokens=0, shard_tokens=1024)
+    renamed = SourceConfig(name="other", kind="local", path=str(path), weight=0.2)
+    b = prepare_source(renamed, TOK, tmp_path, train_tokens_needed=500, val_tokens=0, shard_tokens=1024)
+    assert a.dir == b.dir  # name and weight do not change the content
+    write_jsonl("docs.jsonl", DOCS[:-1] + ["changed text"])
+    c = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=500, val_tokens=0, shard_tokens=1024)
+    assert c.dir != a.dir
+    d = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=500, val_tokens=64, shard_tokens=1024)
+    assert d.dir != c.dir
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    one = prepare_source(local_source(path), TOK, tmp_path / "a", train_tokens_needed=10**9, val_tokens=64,
+                         shard_tokens=1024, workers=1, batch_documents=7)
+    two = prepare_source(local_source(path), TOK, tmp_path / "b", train_tokens_needed=10**9, val_tokens=64,
+                         shard_tokens=1024, workers=2, batch_documents=7)
+    files = sorted(p.name for p in one.dir.glob("*.bin"))
+    assert files == sorted(p.name for p in two.dir.glob("*.bin")) and len(files) > 3
+    for f in files:
+        assert (one.dir / f).read_bytes() == (two.dir / f).read_bytes()
+
+
+def test_damaged_store_is_a_clear_error(tmp_path, write_jsonl):
+    path = write_jsonl("docs.jsonl", DOCS)
+    st = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=10**9, val_tokens=0, shard_tokens=1024)
+    shard = st.dir / st.manifest["train_shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(SparknetError, match="damaged"):
+        open_store(st.dir).train()
+    (st.dir / "manifest.json").write_text("{not json")
+    with pytest.raises(SparknetError, match="manifest is damaged"):
+        open_store(st.dir)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from sparknet.config import SourceConfig
+    from sparknet.store import prepare_source
+    from sparknet.tokenizer import TiktokenGPT2
+    src = SourceConfig(name="code", kind="pydocs", part="code", weight=1.0)
+    prepare_source(src, TiktokenGPT2(), Path(sys.argv[1]), train_tokens_needed=1_500_000, val_tokens=5000,
+                   shard_tokens=16384, workers=1, batch_documents=4)
+""")
+
+
+def _shard_count(lab: Path) -> int:
+    manifests = list(lab.glob("tokens/*/manifest.json"))
+    if not manifests:
+        return 0
+    try:
+        return len(json.loads(manifests[0].read_text())["train_shards"])
+    except (json.JSONDecodeError, OSError):
+        return 0
+
+
+def test_sigkill_mid_prepare_then_resume_is_byte_identical(tmp_path):
+    """A prepare killed with SIGKILL mid-way, then rerun, writes exactly the files an unkilled run does."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-c", KILL_SCRIPT]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([*run, str(ref)], check=True, env=env, timeout=300)
+    total_shards = _shard_count(ref)
+    assert total_shards > 20
+
+    proc = subprocess.Popen([*run, str(killed)], env=env)
+    deadline = time.time() + 120
+    while _shard_count(killed) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = _shard_count(killed)
+    assert proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert 0 < at_kill < total_shards
+
+    subprocess.run([*run, str(killed)], check=True, env=env, timeout=300)  # the same command again
+    ref_dir, killed_dir = next(ref.glob("tokens/*")), next(killed.glob("tokens/*"))
+    assert ref_dir.name == killed_dir.name
+    ref_files = sorted(p.name for p in ref_dir.glob("*.bin"))
+    assert ref_files == sorted(p.name for p in killed_dir.glob("*.bin"))
+    for name in ref_files:
+        assert (ref_dir / name).read_bytes() == (killed_dir / name).read_bytes(), name
+    m_ref, m_killed = (json.loads((d / "manifest.json").read_text()) for d in (ref_dir, killed_dir))
+    for key in ("train_shards", "val", "train_tokens", "items_consumed", "documents", "exhausted"):
+        assert m_ref[key] == m_killed[key], key
+    assert not list(killed_dir.glob(".*.tmp*"))
