@@ -85,3 +85,10 @@ def test_quickstart_spec_prepares_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("docstrings", "readmes", "code"):
         assert any(ln.startswith(name) and ln.endswith("ok") for ln in proc.stdout.splitlines()), proc.stdout
+
+
+def test_codelion_spec_offline_is_a_one_line_error(tmp_path):
+    """The real hub path runs; with the hub unreachable it says which source and how to fix it."""
+    proc = run_prepare(str(REPO / "mixtures" / "codelion_502030.yaml"), f"lab_dir={tmp_path / 'lab'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "source 'finepdfs' (hf 'codelion/finepdfs-1B'" in proc.stderr and "fix:" in proc.stderr
