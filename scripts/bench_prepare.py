@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.max_mb is not None and not args.max_mb > 0:
+        ap.error("--max-mb must be > 0 (megabytes of jsonl to read)")
 
     original_affinity = setup_env()
     cpu = min(os.sched_getaffinity(0))

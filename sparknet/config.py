@@ -13,6 +13,7 @@ holds the YAML file, so a spec means the same thing whatever the working directo
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import math
 import os
@@ -125,6 +126,8 @@ class MixtureConfig:
             at.fail("total_tokens", f"must be > 0, got {self.total_tokens}", "use e.g. 1B or 50M")
         if self.val_tokens < 0:
             at.fail("val_tokens", f"must be >= 0, got {self.val_tokens}", "use e.g. 1M")
+        if self.seed < 0:  # numpy's seeding rejects negative seeds (a traceback in the loader)
+            at.fail("seed", f"must be >= 0, got {self.seed}", "use e.g. 1234")
         if not 0.0 < self.window_fraction <= 1.0:
             at.fail("window_fraction", f"must be in (0, 1], got {self.window_fraction}", "use 0.01")
         if not self.sources:
@@ -361,10 +364,16 @@ def parse_tokens(value: Any) -> int:
         mult = 1
         if s and s[-1] in _TOKEN_SUFFIX:
             mult, s = _TOKEN_SUFFIX[s[-1]], s[:-1]
-        x = float(s)
-        if not math.isfinite(x) or not (x * mult).is_integer():
+        # Decimal, not float: 2.01 * 1000 is 2009.9999999999998 in binary floating point.
+        try:
+            x = decimal.Decimal(s) * mult
+        except decimal.DecimalException:  # not a number, or an exponent past the context
+            raise ValueError(f"{value!r} is not a token count such as 50M") from None
+        if not x.is_finite() or x != x.to_integral_value():
             raise ValueError(f"{value!r} is not a whole number of tokens")
-        return int(x * mult)
+        if abs(x) >= 10**18:  # also keeps int() off exponents such as 1e999999999
+            raise ValueError(f"{value!r} is far too many tokens")
+        return int(x)
     raise ValueError(f"expected a token count such as 50M, got {type(value).__name__}")
 
 
@@ -414,14 +423,20 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
             at.fail(key, str(exc), "use a whole number such as 50M or 1_000_000")
         at.fail(key, f"must be a whole number, got {value!r}")
     if tp is float:
+        x = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            x = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                x = float(value)
             except ValueError:
                 pass
-        at.fail(key, f"must be a number, got {value!r}")
+        if x is None:
+            at.fail(key, f"must be a number, got {value!r}")
+        # No field means anything by nan or inf; nan would slip past every `<` check in validate.
+        if not math.isfinite(x):
+            at.fail(key, f"must be a finite number, got {value!r}", "use an ordinary number")
+        return x
     if tp is str:
         if isinstance(value, str):
             return value
@@ -450,7 +465,10 @@ def _build(cls: type, data: dict, at: _At) -> Any:
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
-    for src in (raw.get("mixture") or {}).get("sources") or []:
+    mixture = raw.get("mixture")
+    sources = mixture.get("sources") if isinstance(mixture, dict) else None
+    # A wrong shape (`mixture: [..]`, `mixture.sources=3`) is left for `_build` to report.
+    for src in sources if isinstance(sources, list) else []:
         if isinstance(src, dict) and isinstance(src.get("path"), str):
             kind = src.get("kind", "hf")
             p = os.path.expandvars(os.path.expanduser(src["path"]))

@@ -12,7 +12,6 @@ its own share, and together they read each planned sequence exactly once.
 
 from __future__ import annotations
 
-import functools
 import zlib
 from dataclasses import dataclass
 
@@ -28,18 +27,28 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (padding, the cut f
 class SourceSequences:
     """Sequence slots of one source's training tokens, drawn in a seeded order per epoch."""
 
-    def __init__(self, name: str, tokens: TokenArray, seq_len: int, seed: int):
+    def __init__(self, name: str, tokens: TokenArray, seq_len: int, seed: int, drawn: int | None = None):
         self.name, self.tokens, self.seq_len = name, tokens, seq_len
-        self.num_slots = (len(tokens) - 1) // seq_len
+        # Only the tokens that prepare guarantees for `drawn` sequences (drawn x seq_len + 1, or all of an
+        # exhausted store) are used: a store extended later by a bigger budget, or by another source on
+        # the same files, must not change the slots and so the batches of this plan.
+        usable = len(tokens) if drawn is None else min(len(tokens), drawn * seq_len + 1)
+        self.num_slots = max(0, (usable - 1) // seq_len)
         self._seed = (seed, zlib.crc32(name.encode()))
-        if self.num_slots <= 0:
+        self._orders: dict[int, np.ndarray] = {}
+        if self.num_slots <= 0 and drawn != 0:  # a source the plan never draws needs no slot
             raise SparknetError(f"source {name!r}: only {len(tokens)} training tokens, fewer than one "
                                 f"sequence of {seq_len + 1} (fix: add data or lower train.seq_len)")
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - a few epochs' permutations per source
     def _order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([*self._seed, epoch])
-        return rng.permutation(self.num_slots)
+        # Cached per instance: a class-wide lru_cache(4) thrashed with more than 4 sources, redoing
+        # a full permutation for nearly every row.
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:
+                self._orders.pop(next(iter(self._orders)))
+            rng = np.random.default_rng([*self._seed, epoch])
+            self._orders[epoch] = rng.permutation(self.num_slots)
+        return self._orders[epoch]
 
     def sequence(self, ordinal: int) -> np.ndarray:
         """seq_len + 1 tokens of the `ordinal`-th sequence drawn from this source."""
@@ -70,8 +79,9 @@ class Loader:
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
         self.world_size = world_size
-        self.sources = [SourceSequences(name, stores[name].train(), plan.seq_len, plan.seed)
-                        for name in plan.source_names]
+        drawn = plan.sequences_per_source()
+        self.sources = [SourceSequences(name, stores[name].train(), plan.seq_len, plan.seed, int(n))
+                        for name, n in zip(plan.source_names, drawn)]
 
     @property
     def sequences_per_step(self) -> int:
@@ -84,7 +94,7 @@ class Loader:
     def repeat_factors(self) -> np.ndarray:
         """Epochs over each source's training tokens that the plan draws (1.0 = each slot once)."""
         drawn = self.plan.sequences_per_source()
-        return drawn / np.array([s.num_slots for s in self.sources], dtype=np.float64)
+        return np.array([d / s.num_slots if s.num_slots else 0.0 for d, s in zip(drawn, self.sources)])
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
         """The micro-batch `micro` of process `rank` at optimizer step `step`."""

@@ -185,8 +185,22 @@ def build_plan(mix: MixtureConfig, seq_len: int) -> Plan:
                 break
             # The owner got no sequence in the final window: let a source that did own the cut.
             candidates.extend(int(c) for c in final[::-1] if int(c) not in candidates)
-        else:  # pragma: no cover - every final-window source was tried; cannot happen
-            raise AssertionError("could not place the cut final sequence; please report this mixture")
+        else:
+            # Every candidate pushed the final window to another source (it happens with a final
+            # window of one sequence, e.g. 3148 tokens, seq_len 128, weights 1/.5/.5, window 0.1).
+            # Reserve the very last slot for the heaviest source and round the rest around it; only
+            # plans that used to fail here take this path, so existing plans are unchanged.
+            owner = candidates[0]
+            quotas = largest_remainder(exact + np.eye(len(w))[owner] * (cut / seq_len), end - start)
+            rest = quotas.copy()
+            rest[owner] -= 1  # >= 0: the starved check above saw this owner get a sequence
+            head = sizes[:-1] + ([sizes[-1] - 1] if sizes[-1] > 1 else [])
+            parts = [stride_order(row) for row in window_counts(head, rest)] if head else []
+            tail = np.array([owner], dtype=np.int16)
+            if sizes[-1] > 1:
+                parts[-1] = np.concatenate([parts[-1], tail])
+            else:
+                parts.append(tail)
         order_parts.extend(parts)
     source_of = np.concatenate(order_parts).astype(np.int16)
     ordinal = np.empty(num_seq, dtype=np.int64)

@@ -150,7 +150,9 @@ def prepare(cfg: RunConfig, *, workers: int | None = None, progress: bool = True
     reports = []
     for i, src in enumerate(cfg.mixture.sources):
         st = stores[src.name]
-        slots = max(0, (st.train_tokens - 1) // cfg.train.seq_len)
+        # The slots the loader uses: at most the tokens this plan needs, however big the store has grown.
+        usable = min(st.train_tokens, int(seq_per_source[i]) * cfg.train.seq_len + 1)
+        slots = max(0, (usable - 1) // cfg.train.seq_len)
         # The spec's own figure: weight share x stage fraction x budget, from the config's fractions.
         ends = [start for start, _ in stages[1:]] + [1.0]
         spec_tokens = sum(w[src.name] / sum(w.values()) * (end - start) * cfg.mixture.total_tokens

@@ -263,6 +263,12 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
         def flush(kind: str) -> None:
             nonlocal buf, buf_tokens, buf_docs, buf_items
             arr = np.concatenate(buf) if buf else np.zeros(0, dtype=np.int64)
+            if len(arr) and not 0 <= int(arr.min()) <= int(arr.max()) <= np.iinfo(dtype).max:
+                # astype would wrap such ids silently: the store would hold other tokens than the text
+                raise SparknetError(
+                    f"tokenizer {tok.spec.name or tok.spec.kind}: token id {int(arr.max())} does not fit the "
+                    f"store's {dtype.name} (vocab_size {tok.vocab_size}) (fix: use a tokenizer whose ids "
+                    f"are below its vocabulary size)")
             data = arr.astype(dtype).tobytes()
             if kind == "val":
                 name = "val.bin"

@@ -77,6 +77,18 @@ def test_parse_tokens(text, value):
     assert parse_tokens(text) == value
 
 
+@pytest.mark.parametrize("text,value", [("2.01k", 2010), ("4.07M", 4_070_000), ("1.5k", 1500)])
+def test_parse_tokens_decimal_fractions_are_exact(text, value):
+    # float arithmetic made 2.01 * 1000 = 2009.9999999999998 and rejected it as "not whole"
+    assert parse_tokens(text) == value
+
+
+@pytest.mark.parametrize("text", ["1e999999999", "inf", "nan", "k", ""])
+def test_parse_tokens_rejects_absurd_values(text):
+    with pytest.raises(ValueError):
+        parse_tokens(text)
+
+
 def test_relative_local_paths_resolve_against_the_yaml_folder(tmp_path):
     data = {"mixture": {"sources": [{"name": "x", "kind": "local", "path": "data/*.jsonl", "weight": 1}]}}
     cfg = load_config(write(tmp_path, data))
@@ -105,6 +117,24 @@ def test_wrong_types(tmp_path):
     assert "mixture.sources: must be a list" in msg
     msg = error_of(write(tmp_path, {**BASE, "train": {"schedule": "exp"}}))
     assert "train.schedule: must be one of 'cosine', 'linear', 'wsd'" in msg
+
+
+def test_wrong_section_shapes_are_one_line_errors(tmp_path):
+    # these used to crash in path resolution (AttributeError / TypeError) before validation
+    assert "mixture: must be a mapping, got list" in error_of(write(tmp_path, "mixture: [1]\n"))
+    assert "mixture: must be a mapping, got str" in error_of(write(tmp_path, "mixture: foo\n"))
+    assert "mixture: must be a mapping, got NoneType" in error_of(write(tmp_path, "mixture: null\n"))
+    msg = error_of(write(tmp_path, BASE), ["mixture.sources=3"])
+    assert msg.startswith("override 'mixture.sources=3'") and "must be a list" in msg
+    assert "train: must be a mapping" in error_of(write(tmp_path, BASE), ["train=3"])
+
+
+def test_non_finite_floats_and_negative_seed(tmp_path):
+    p = write(tmp_path, BASE)
+    assert "train.weight_decay: must be a finite number" in error_of(p, ["train.weight_decay=.nan"])
+    assert "train.lr: must be a finite number" in error_of(p, ["train.lr=.inf"])
+    # a negative seed used to pass here and crash numpy's seeding in the loader
+    assert "mixture.seed: must be >= 0" in error_of(p, ["mixture.seed=-1"])
 
 
 def test_negative_weight(tmp_path):

@@ -115,3 +115,52 @@ def test_val_slice_is_never_trained_on(prepared):
         val_docs = {tuple(d) for d in np.split(val, np.flatnonzero(val == 50256)[:-1] + 1)}
         train_docs = {tuple(d) for d in np.split(train, np.flatnonzero(train == 50256)[:-1] + 1)}
         assert val_docs and not (val_docs & train_docs), name
+
+
+def small_and_big(tmp_path, write_jsonl, weights=(0.7, 0.3)):
+    write_jsonl("a/a.jsonl", docs_for("alpha", 3000))
+    write_jsonl("b/b.jsonl", docs_for("beta", 3000))
+
+    def cfg(total):
+        return config_from_dict({
+            "lab_dir": str(tmp_path / "lab"),
+            "mixture": {"total_tokens": total, "val_tokens": 200, "sources": [
+                {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": weights[0]},
+                {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": weights[1]}]},
+            "model": {"preset": "cpu-tiny"},
+            "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 3},
+            "prepare": {"shard_tokens": 2048},
+        })
+    return cfg(10_000), cfg(40_000)
+
+
+def test_batches_do_not_change_when_another_budget_extends_the_store(tmp_path, write_jsonl):
+    small_cfg, big_cfg = small_and_big(tmp_path, write_jsonl)
+    small = prepare(small_cfg, workers=1, progress=False, write_report=False)
+    assert not any(st.manifest["exhausted"] for st in small.stores.values())
+    before = [small.loader().batch(k, m).input_ids for k in range(small.loader().num_steps) for m in range(3)]
+    big = prepare(big_cfg, workers=1, progress=False, write_report=False)  # extends the same stores
+    assert big.stores["a"].train_tokens > small.stores["a"].train_tokens
+    again = prepare(small_cfg, workers=1, progress=False, write_report=False)  # e.g. a resumed small run
+    assert again.stores["a"].train_tokens == big.stores["a"].train_tokens
+    loader = again.loader()
+    after = [loader.batch(k, m).input_ids for k in range(loader.num_steps) for m in range(3)]
+    assert all(np.array_equal(x, y) for x, y in zip(before, after))
+    assert [s.repeat_factor for s in again.sources] == [s.repeat_factor for s in small.sources]
+
+
+def test_a_zero_weight_source_with_a_tiny_store_does_not_stop_the_loader(tmp_path, write_jsonl):
+    write_jsonl("a/a.jsonl", docs_for("alpha", 300))
+    write_jsonl("z/z.jsonl", ["tiny"] * 5)  # fewer tokens than one sequence
+    cfg = config_from_dict({
+        "lab_dir": str(tmp_path / "lab"),
+        "mixture": {"total_tokens": 2_000, "val_tokens": 0, "sources": [
+            {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 1.0, "max_repeats": 5},
+            {"name": "z", "kind": "local", "path": str(tmp_path / "z"), "weight": 0.0}]},
+        "model": {"preset": "cpu-tiny"},
+        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 1},
+    })
+    prepared = prepare(cfg, workers=1, progress=False, write_report=False)
+    loader = prepared.loader()  # used to raise "only N training tokens" for the never-drawn source
+    assert loader.repeat_factors()[1] == 0.0
+    assert loader.tokens_per_source_realized().tolist() == [2_000, 0]

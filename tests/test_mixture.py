@@ -121,3 +121,13 @@ def test_tiny_budgets_cut_the_last_sequence(total):
     plan = build_plan(mixture([1.0], total), 1024)
     assert plan.tokens_per_source().sum() == total
     assert plan.last_len == total - (plan.num_sequences - 1) * 1024
+
+
+def test_cut_final_sequence_is_placed_when_owners_cycle():
+    # A one-sequence final window sent every candidate owner's rounding to another source, and
+    # build_plan raised AssertionError("could not place the cut final sequence").
+    plan = build_plan(mixture([1.0, 0.5, 0.5], 3148, window_fraction=0.1), 128)
+    tokens = plan.tokens_per_source()
+    assert tokens.sum() == 3148 and plan.num_sequences == 25
+    assert (np.abs(tokens - np.array([0.5, 0.25, 0.25]) * 3148) < 128).all()
+    assert window_deviation(plan) <= 1.0

@@ -163,3 +163,13 @@ def test_sigkill_mid_prepare_then_resume_is_byte_identical(tmp_path):
     for key in ("train_shards", "val", "train_tokens", "items_consumed", "documents", "exhausted"):
         assert m_ref[key] == m_killed[key], key
     assert not list(killed_dir.glob(".*.tmp*"))
+
+
+def test_token_ids_that_do_not_fit_the_dtype_are_an_error_not_wrapped(tmp_path, write_jsonl, monkeypatch):
+    import sparknet.store as store
+
+    monkeypatch.setattr(store, "_dtype_for", lambda vocab_size: np.dtype(np.uint8))  # GPT-2 ids need 16 bits
+    path = write_jsonl("docs.jsonl", DOCS[:20])
+    with pytest.raises(SparknetError, match="does not fit the store's uint8"):
+        prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=100, val_tokens=10,
+                       shard_tokens=1024)
