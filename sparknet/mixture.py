@@ -69,11 +69,13 @@ def window_counts(sizes: list[int], quotas: np.ndarray) -> np.ndarray:
     need = q - counts.sum(axis=0)  # surplus sequences each source must still receive
     cum_ideal = np.cumsum(exact, axis=0)
     cum_given = np.zeros(len(q))
+    # rows_left[j, i]: windows j.. in which source i can still take a surplus (suffix sums, once).
+    rows_left_all = np.cumsum(has_frac[::-1], axis=0)[::-1]
     for j in range(len(sizes_a)):
         r = int(extra_rows[j])
         cand = np.flatnonzero(has_frac[j] & (need > 0))
         if r:
-            rows_left = has_frac[j:].sum(axis=0)
+            rows_left = rows_left_all[j]
             forced = [i for i in cand if need[i] >= rows_left[i]]
             deficit = cum_ideal[j] - (cum_given + counts[j])
             rest = sorted((i for i in cand if i not in forced), key=lambda i: (-deficit[i], i))

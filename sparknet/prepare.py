@@ -194,6 +194,11 @@ def format_report(p: Prepared) -> str:
 def check_budget(p: Prepared) -> None:
     """Fail before training when a source cannot supply its share within `max_repeats`."""
     for s in p.sources:
+        if s.sequences and s.tokens_available <= p.plan.seq_len:
+            raise SparknetError(
+                f"mixture.sources.{s.name}: has {s.tokens_available:,} training tokens after the "
+                f"{s.val_tokens:,}-token validation slice, too few for one sequence (fix: lower "
+                f"mixture.val_tokens, add data to the source, or set its weight to 0)")
         if not s.ok:
             raise SparknetError(
                 f"mixture.sources.{s.name}: needs {s.repeat_factor:.2f} epochs of its "

@@ -92,3 +92,10 @@ def test_codelion_spec_offline_is_a_one_line_error(tmp_path):
     proc = run_prepare(str(REPO / "mixtures" / "codelion_502030.yaml"), f"lab_dir={tmp_path / 'lab'}", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "source 'finepdfs' (hf 'codelion/finepdfs-1B'" in proc.stderr and "fix:" in proc.stderr
+
+
+def test_validation_slice_that_eats_the_source_is_named(tmp_path, write_jsonl):
+    p = spec(tmp_path, write_jsonl)
+    proc = run_prepare(str(p), "mixture.val_tokens=10M", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "training tokens after the" in proc.stderr and "lower mixture.val_tokens" in proc.stderr
