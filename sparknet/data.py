@@ -24,16 +24,23 @@ from sparknet.store import SourceStore, TokenArray
 IGNORE_INDEX = -100  # label of positions that carry no loss (padding, the cut final sequence)
 
 
+def num_slots(train_tokens: int, drawn: int | None, seq_len: int) -> int:
+    """Sequence slots a source offers a plan that draws `drawn` sequences from it.
+
+    Only the tokens that prepare guarantees for `drawn` sequences (drawn x seq_len + 1, or all of an
+    exhausted store) count: a store extended later by a bigger budget, or by another source on the
+    same files, must not change the slots and so the batches of this plan.
+    """
+    usable = train_tokens if drawn is None else min(train_tokens, drawn * seq_len + 1)
+    return max(0, (usable - 1) // seq_len)
+
+
 class SourceSequences:
     """Sequence slots of one source's training tokens, drawn in a seeded order per epoch."""
 
     def __init__(self, name: str, tokens: TokenArray, seq_len: int, seed: int, drawn: int | None = None):
         self.name, self.tokens, self.seq_len = name, tokens, seq_len
-        # Only the tokens that prepare guarantees for `drawn` sequences (drawn x seq_len + 1, or all of an
-        # exhausted store) are used: a store extended later by a bigger budget, or by another source on
-        # the same files, must not change the slots and so the batches of this plan.
-        usable = len(tokens) if drawn is None else min(len(tokens), drawn * seq_len + 1)
-        self.num_slots = max(0, (usable - 1) // seq_len)
+        self.num_slots = num_slots(len(tokens), drawn, seq_len)
         self._seed = (seed, zlib.crc32(name.encode()))
         self._orders: dict[int, np.ndarray] = {}
         if self.num_slots <= 0 and drawn != 0:  # a source the plan never draws needs no slot

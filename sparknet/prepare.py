@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparknet.config import RunConfig, field_docs, load_config
-from sparknet.data import Loader
+from sparknet.data import Loader, num_slots
 from sparknet.errors import SparknetError, cli_main
 from sparknet.mixture import Plan, build_plan, window_deviation
 from sparknet.sources import iter_documents, source_identity
@@ -150,9 +150,7 @@ def prepare(cfg: RunConfig, *, workers: int | None = None, progress: bool = True
     reports = []
     for i, src in enumerate(cfg.mixture.sources):
         st = stores[src.name]
-        # The slots the loader uses: at most the tokens this plan needs, however big the store has grown.
-        usable = min(st.train_tokens, int(seq_per_source[i]) * cfg.train.seq_len + 1)
-        slots = max(0, (usable - 1) // cfg.train.seq_len)
+        slots = num_slots(st.train_tokens, int(seq_per_source[i]), cfg.train.seq_len)  # as the loader sees it
         # The spec's own figure: weight share x stage fraction x budget, from the config's fractions.
         ends = [start for start, _ in stages[1:]] + [1.0]
         spec_tokens = sum(w[src.name] / sum(w.values()) * (end - start) * cfg.mixture.total_tokens
