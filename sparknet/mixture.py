@@ -53,38 +53,75 @@ def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 def window_counts(sizes: list[int], quotas: np.ndarray) -> np.ndarray:
     """Split per-source `quotas` over consecutive windows of `sizes` (a controlled rounding).
 
-    Returns counts[window, source] with rows summing to `sizes`, columns to `quotas`, and every entry
-    the floor or ceiling of its exact share size x quota / total. Which sources get the rounding
-    surplus in a window is decided by who is furthest behind its running ideal, so cumulative totals
-    never drift; a source whose remaining surplus must go in every remaining window is served first.
+    Returns counts[window, source] with rows summing to `sizes`, columns to `quotas`, every entry the
+    floor or ceiling of its exact share size x quota / total, and every running total (windows 0..j)
+    the floor or ceiling of its exact running share, so cumulative counts never drift.
+
+    Why a flow: the constraints (row sums, column sums, column prefix sums) are two laminar families,
+    so the constraint matrix is totally unimodular and the exact fractional split is a feasible flow;
+    an integral max-flow therefore always finds a rounding. A greedy pass can paint itself into a
+    corner (it did, on a 6-source mixture), so the rounding is solved globally.
     """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
     sizes_a = np.asarray(sizes, dtype=np.int64)
-    total = int(sizes_a.sum())
     q = np.asarray(quotas, dtype=np.int64)
-    exact = sizes_a[:, None] * q[None, :] / total  # [windows, sources]
-    counts = np.floor(exact + 1e-9).astype(np.int64)
-    frac = exact - counts
-    has_frac = frac > 1e-9
-    extra_rows = sizes_a - counts.sum(axis=1)
-    need = q - counts.sum(axis=0)  # surplus sequences each source must still receive
-    cum_ideal = np.cumsum(exact, axis=0)
-    cum_given = np.zeros(len(q))
-    # rows_left[j, i]: windows j.. in which source i can still take a surplus (suffix sums, once).
-    rows_left_all = np.cumsum(has_frac[::-1], axis=0)[::-1]
-    for j in range(len(sizes_a)):
-        r = int(extra_rows[j])
-        cand = np.flatnonzero(has_frac[j] & (need > 0))
-        if r:
-            rows_left = rows_left_all[j]
-            forced = [i for i in cand if need[i] >= rows_left[i]]
-            deficit = cum_ideal[j] - (cum_given + counts[j])
-            rest = sorted((i for i in cand if i not in forced), key=lambda i: (-deficit[i], i))
-            chosen = (forced + rest)[:r]
-            if len(chosen) < r or len(forced) > r:
-                raise AssertionError("window rounding infeasible; please report this mixture")  # not reachable in tests
-            counts[j, chosen] += 1
-            need[chosen] -= 1
-        cum_given += counts[j]
+    total = int(sizes_a.sum())
+    n_win, n_src = len(sizes_a), len(q)
+    if total == 0:
+        return np.zeros((n_win, n_src), dtype=np.int64)
+    # Exact integer floors/ceilings of each cell and of each running total.
+    cell_num = sizes_a[:, None] * q[None, :]
+    cell_lo = cell_num // total
+    cell_hi = cell_lo + (cell_num % total != 0)
+    cum_num = np.cumsum(sizes_a)[:, None] * q[None, :]
+    cum_lo = cum_num // total
+    cum_hi = cum_lo + (cum_num % total != 0)
+
+    # Nodes: 0 = super source, 1 = super sink, chain node (i, j) carries source i's running total
+    # through window j, then one node per window.
+    def chain(i: int, j: int) -> int:
+        return 2 + i * n_win + j
+
+    def window(j: int) -> int:
+        return 2 + n_src * n_win + j
+
+    n_nodes = 2 + n_src * n_win + n_win
+    excess = np.zeros(n_nodes, dtype=np.int64)
+    rows, cols, caps = [], [], []
+    cell_edges = []
+
+    def edge(u: int, v: int, lo: int, hi: int) -> int:
+        # Lower bounds become node excesses; the edge keeps capacity hi - lo.
+        excess[v] += lo
+        excess[u] -= lo
+        rows.append(u)
+        cols.append(v)
+        caps.append(hi - lo)
+        return len(caps) - 1
+
+    for i in range(n_src):
+        excess[chain(i, n_win - 1)] += q[i]  # source i's whole quota enters at the top of its chain
+        for j in range(n_win):
+            cell_edges.append((j, i, int(cell_lo[j, i]), edge(chain(i, j), window(j), int(cell_lo[j, i]),
+                                                            int(cell_hi[j, i]))))
+            if j:
+                edge(chain(i, j), chain(i, j - 1), int(cum_lo[j - 1, i]), int(cum_hi[j - 1, i]))
+    for j in range(n_win):
+        excess[window(j)] -= sizes_a[j]  # window j must hold exactly its size
+    for v in np.flatnonzero(excess > 0):
+        rows.append(0), cols.append(int(v)), caps.append(int(excess[v]))
+    for v in np.flatnonzero(excess < 0):
+        rows.append(int(v)), cols.append(1), caps.append(int(-excess[v]))
+    graph = csr_array((np.asarray(caps, dtype=np.int32), (rows, cols)), shape=(n_nodes, n_nodes))
+    result = maximum_flow(graph, 0, 1)
+    if result.flow_value != int(excess[excess > 0].sum()):
+        raise AssertionError("window rounding infeasible; please report this mixture")  # impossible by TU
+    flow = result.flow.tocsr()
+    counts = np.zeros((n_win, n_src), dtype=np.int64)
+    for j, i, lo, k in cell_edges:
+        counts[j, i] = lo + int(flow[rows[k], cols[k]])
     assert (counts.sum(axis=0) == q).all() and (counts.sum(axis=1) == sizes_a).all()
     return counts
 

@@ -44,7 +44,16 @@ def test_window_counts_is_a_controlled_rounding(sizes, weights):
     assert (counts.sum(axis=0) == quotas).all()
     assert (np.abs(counts - exact) < 1 + 1e-9).all()  # each window within one sequence
     drift = np.abs(np.cumsum(counts, axis=0) - np.cumsum(exact, axis=0))
-    assert drift.max() < 2, "running totals drift from the ideal"
+    assert drift.max() < 1 + 1e-9, "running totals drift from the ideal"
+
+
+def test_window_rounding_where_a_greedy_pass_got_stuck():
+    # Found by hypothesis in CI: six near-equal sources, 5% windows; the old greedy ran out of
+    # candidates in a late window. The flow rounding must find the (always existing) solution.
+    mix = mixture([5.375, 5.4375, 5.4375, 5.4375, 8.25, 8.25], 65681, window_fraction=0.05)
+    plan = build_plan(mix, 64)
+    assert plan.sequences_per_source().sum() == plan.num_sequences == 1027
+    assert window_deviation(plan) < 1
 
 
 @settings(max_examples=150, deadline=None)
