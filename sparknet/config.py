@@ -209,8 +209,13 @@ class ModelConfig:
     n_head: int | None = _f(None, "Attention heads (default: the preset's).")
     n_embd: int | None = _f(None, "Model width d_model (default: the preset's).")
     n_positions: int | None = _f(None, "Context length (default: the preset's).")
+    pad_vocab_multiple: int = _f(64, "Pad the embedding rows to a multiple of this while training so "
+                                 "the output matmul has tensor-core-friendly shapes (50,257 -> 50,304); "
+                                 "the padding is never predicted and is dropped on export. 1 disables.")
 
     def validate(self, at: _At) -> None:
+        if self.pad_vocab_multiple < 1:
+            at.fail("pad_vocab_multiple", f"must be >= 1, got {self.pad_vocab_multiple}", "use 64, or 1 to disable")
         if self.preset not in MODEL_PRESETS:
             at.fail("preset", f"unknown preset {self.preset!r}", f"use one of {', '.join(MODEL_PRESETS)}")
         for key in ("n_layer", "n_head", "n_embd", "n_positions"):
@@ -246,8 +251,33 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     precision: Literal["bf16", "fp32"] = _f("bf16", "Mixed precision on CUDA; CPU runs use fp32.")
     seed: int = _f(1337, "Seed of the model initialization.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else the CPU.")
+    compile: Literal["auto", "on", "off"] = _f("auto", "torch.compile the model (auto: on CUDA only; "
+                                               "falls back to eager with a warning if compiling fails).")
+    checkpoint_minutes: float = _f(30.0, "Write a resumable checkpoint at least this often (0: only by "
+                                   "tokens and at the end).")
+    checkpoint_every_tokens: int = _f(0, "Also checkpoint every this many tokens (0: off).", tokens=True)
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (the newest ones).")
+    log_every_steps: int = _f(10, "Log training metrics every this many optimizer steps.")
+    diverge_factor: float = _f(3.0, "Stop the run as diverged when the loss exceeds this multiple of "
+                               "its recent average (non-finite losses always stop it).")
+    peak_flops: float = _f(0.0, "Peak FLOP/s of the accelerator for MFU (0: look the GPU up in the "
+                           "built-in table; bf16 dense figures).")
 
     def validate(self, at: _At) -> None:
+        if self.checkpoint_minutes < 0 or self.checkpoint_every_tokens < 0:
+            key = "checkpoint_minutes" if self.checkpoint_minutes < 0 else "checkpoint_every_tokens"
+            at.fail(key, "must be >= 0", "use 0 to turn it off")
+        if self.keep_checkpoints < 1:
+            at.fail("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}", "use e.g. 2")
+        if self.log_every_steps < 1:
+            at.fail("log_every_steps", f"must be >= 1, got {self.log_every_steps}", "use e.g. 10")
+        if self.diverge_factor <= 1:
+            at.fail("diverge_factor", f"must be > 1, got {self.diverge_factor}", "use e.g. 3")
+        if self.peak_flops < 0:
+            at.fail("peak_flops", "must be >= 0", "use e.g. 989e12 for an H100, or 0 to look it up")
+        if not 0 <= self.seed < 2**63:
+            at.fail("seed", f"must be in [0, 2**63), got {self.seed}", "use e.g. 1337")
         for key in ("seq_len", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, key) <= 0:
                 at.fail(key, f"must be > 0, got {getattr(self, key)}", "use a positive integer")
@@ -284,6 +314,49 @@ class PrepareConfig:
             at.fail("batch_documents", "must be > 0", "use e.g. 256")
 
 
+DEFAULT_PROMPTS = ("The meaning of life is", "In 1492, Columbus", "The derivative of x^2 is",
+                   "def fibonacci(n):")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is measured while training."""
+
+    every_tokens: int = _f(50_000_000, "Per-source validation loss and samples every this many "
+                           "training tokens (and always at the end).", tokens=True)
+    val_tokens: int = _f(0, "Held-out tokens per source per evaluation (0: the whole slice).", tokens=True)
+    batch_size: int = _f(16, "Sequences per validation forward pass.")
+    sample_prompts: tuple[str, ...] = _f(DEFAULT_PROMPTS, "Fixed prompts for greedy samples.")
+    sample_tokens: int = _f(32, "Tokens generated per sample (greedy).")
+
+    def validate(self, at: _At) -> None:
+        if self.every_tokens <= 0:
+            at.fail("every_tokens", f"must be > 0, got {self.every_tokens}", "use e.g. 50M")
+        if self.val_tokens < 0 or self.batch_size <= 0 or self.sample_tokens < 0:
+            key = "val_tokens" if self.val_tokens < 0 else "batch_size" if self.batch_size <= 0 else "sample_tokens"
+            at.fail(key, "must be positive", "use the default")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is recorded (MLflow)."""
+
+    enabled: bool = _f(True, "Record the run in MLflow.")
+    uri: str = _f("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                  "sqlite:///<lab_dir>/mlflow.db with artifacts under <lab_dir>/mlartifacts).")
+    experiment: str = _f("", "MLflow experiment (default: the mixture's name).")
+    log_model: bool = _f(False, "Upload the final Hugging Face checkpoint as an MLflow artifact "
+                         "(it is always kept under <lab_dir>/runs/).")
+    timeout_s: float = _f(10.0, "Give up on a tracking call after this long and keep training; "
+                          "what could not be sent stays in the run's local metrics.jsonl.")
+
+    def validate(self, at: _At) -> None:
+        if self.experiment and not _SAFE_NAME.match(self.experiment):
+            at.fail("experiment", f"{self.experiment!r} is not a safe name", "use letters, digits, '.', '_' or '-'")
+        if self.timeout_s <= 0:
+            at.fail("timeout_s", "must be > 0", "use e.g. 10")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; `load_config` builds it from a mixture YAML and overrides."""
@@ -295,6 +368,8 @@ class RunConfig:
     model: ModelConfig = _f(ModelConfig(), "The model shape.")
     train: TrainConfig = _f(TrainConfig(), "The optimization recipe.")
     prepare: PrepareConfig = _f(PrepareConfig(), "Token store preparation.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation while training.")
+    tracking: TrackingConfig = _f(TrackingConfig(), "Experiment tracking (MLflow).")
 
     def validate(self, at: _At) -> None:
         if not _SAFE_NAME.match(self.name):

@@ -17,6 +17,8 @@ EXIT_USER_ERROR = 2
 class SparknetError(Exception):
     """An error caused by the user's input; the message is the whole explanation."""
 
+    exit_code = EXIT_USER_ERROR
+
     def __init__(self, message: str):
         # Collapse to one line: messages built from file contents may carry newlines.
         super().__init__(" ".join(str(message).split()))
@@ -31,7 +33,7 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
             return main(*args, **kwargs) or 0
         except SparknetError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
+            return exc.exit_code
         except BrokenPipeError:  # `... | head`: the reader left; not an error
             sys.stderr.close()
             return 0
@@ -40,3 +42,9 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+class RunFailed(SparknetError):
+    """A run that stopped on its own (a diverged loss): not bad input, so exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,192 @@
+"""The GPT-2 model the trainer runs, and its exact export to a standard Hugging Face GPT-2 checkpoint.
+
+Why our own module instead of training `transformers.GPT2LMHeadModel` directly: it is ~100 lines we can
+read, it computes the per-token loss in one fused cross-entropy (we need per-token losses for the
+per-source metrics), it goes through `F.scaled_dot_product_attention` with `is_causal=True` (flash
+attention on CUDA, no mask tensor), and it pads the vocabulary to a multiple of 64 so the 50,257-wide
+output matmul runs on tensor-core-friendly shapes. The parameterization is exactly GPT-2's (pre-norm,
+learned positions, tanh-GELU, tied embeddings, LayerNorm eps 1e-5), so `export_hf` writes weights that
+`AutoModelForCausalLM.from_pretrained` loads and that give the same logits (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparknet.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int  # the tokenizer's vocabulary: what an exported checkpoint has
+    padded_vocab_size: int  # rows of the embedding while training (a multiple of 64 for the matmuls)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, vocab_size: int) -> GPTShape:
+        n_layer, n_head, n_embd, n_positions = model.shape()
+        pad = model.pad_vocab_multiple
+        padded = -(-vocab_size // pad) * pad if pad > 1 else vocab_size
+        return cls(n_layer, n_head, n_embd, n_positions, vocab_size, padded)
+
+    def num_params(self, padded: bool = False) -> int:
+        """Parameters of the exported model (tied embedding counted once, position embedding included)."""
+        d, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        vocab = self.padded_vocab_size if padded else self.vocab_size
+        return vocab * d + self.n_positions * d + L * per_block + 2 * d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (DESIGN.md): 6 N (N with the tied embedding, without positions)
+        + 12 n_layer d_model seq_len for attention. 457 MFLOP/token for gpt2-70m at 1024."""
+        n = self.num_params() - self.n_positions * self.n_embd
+        return 6.0 * n + 12.0 * self.n_layer * self.n_embd * seq_len
+
+
+class Block(nn.Module):
+    def __init__(self, s: GPTShape):
+        super().__init__()
+        self.n_head = s.n_head
+        self.ln_1 = nn.LayerNorm(s.n_embd, eps=1e-5)
+        self.c_attn = nn.Linear(s.n_embd, 3 * s.n_embd)
+        self.attn_proj = nn.Linear(s.n_embd, s.n_embd)
+        self.ln_2 = nn.LayerNorm(s.n_embd, eps=1e-5)
+        self.c_fc = nn.Linear(s.n_embd, 4 * s.n_embd)
+        self.mlp_proj = nn.Linear(4 * s.n_embd, s.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        self.wte = nn.Embedding(shape.padded_vocab_size, shape.n_embd)
+        self.wpe = nn.Embedding(shape.n_positions, shape.n_embd)
+        self.h = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.ln_f = nn.LayerNorm(shape.n_embd, eps=1e-5)
+
+    def init_weights(self, seed: int) -> None:
+        """GPT-2's initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        gen = torch.Generator().manual_seed(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.shape.n_layer)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("ln_"):
+                    p.fill_(1.0)
+                else:
+                    std = resid_std if name.endswith("proj.weight") else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits [B, T, vocab]; with `labels` (ignore_index -100), the per-token NLL [B, T]
+        instead, in fp32 (the logits are not kept, which saves B x T x 50k floats of memory)."""
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        # Tied output embedding. The matmul runs over the padded rows (fast shapes); the padding columns are
+        # then dropped so the softmax is over the real vocabulary, exactly as in the exported model.
+        logits = F.linear(self.ln_f(x), self.wte.weight)[..., : self.shape.vocab_size]
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                               reduction="none").view_as(labels)
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> GPT:
+    model = GPT(GPTShape.from_config(model_cfg, vocab_size))
+    model.init_weights(seed)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: our names and nn.Linear layout -> transformers' GPT2LMHeadModel (Conv1D stores [in, out]).
+
+_HF_LINEAR = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    s = model.shape
+    sd = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+    out = {"transformer.wte.weight": sd["wte.weight"][: s.vocab_size],
+           "transformer.wpe.weight": sd["wpe.weight"],
+           "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]}
+    for i in range(s.n_layer):
+        for ours, theirs in _HF_LINEAR.items():
+            out[f"transformer.h.{i}.{theirs}.weight"] = sd[f"h.{i}.{ours}.weight"].t()
+            out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"h.{i}.{ours}.bias"]
+        for ln in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                out[f"transformer.h.{i}.{ln}.{p}"] = sd[f"h.{i}.{ln}.{p}"]
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def hf_config(shape: GPTShape, eos_token_id: int | None) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": shape.vocab_size, "n_positions": shape.n_positions, "n_ctx": shape.n_positions,
+        "n_embd": shape.n_embd, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+        "tie_word_embeddings": True, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(model: GPT, out_dir: Path, tokenizer=None, eos_token_id: int | None = None) -> Path:
+    """Write `out_dir` as a standard HF GPT-2 checkpoint (config.json + model.safetensors + tokenizer).
+
+    The caller makes it atomic (writes into a temp dir and renames)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = hf_state_dict(model)
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(model.shape, eos_token_id), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def load_exported(model_dir: Path, model_cfg: ModelConfig) -> GPT:
+    """Our model from an exported HF checkpoint (used to resume the weights-only final model)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    model = GPT(GPTShape.from_config(model_cfg, cfg["vocab_size"]))
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    ours = model.state_dict()
+    ours["wte.weight"][: cfg["vocab_size"]] = sd["transformer.wte.weight"]
+    ours["wpe.weight"].copy_(sd["transformer.wpe.weight"])
+    ours["ln_f.weight"].copy_(sd["transformer.ln_f.weight"])
+    ours["ln_f.bias"].copy_(sd["transformer.ln_f.bias"])
+    for i in range(model.shape.n_layer):
+        for mine, theirs in _HF_LINEAR.items():
+            ours[f"h.{i}.{mine}.weight"].copy_(sd[f"transformer.h.{i}.{theirs}.weight"].t())
+            ours[f"h.{i}.{mine}.bias"].copy_(sd[f"transformer.h.{i}.{theirs}.bias"])
+        for ln in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                ours[f"h.{i}.{ln}.{p}"].copy_(sd[f"transformer.h.{i}.{ln}.{p}"])
+    model.load_state_dict(ours)
+    return model

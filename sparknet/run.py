@@ -1,0 +1,332 @@
+"""python -m sparknet.run MIXTURE.yaml [key=value ...] [--dry-run] [--fresh]: prepare, train, record.
+
+The run lives in `<lab>/runs/<name>-<hash>/`, where the hash covers everything that changes what is
+trained (mixture, tokenizer, model, optimization recipe). Rerunning the same command resumes from the
+newest checkpoint in that folder; rerunning a finished run prints its result and does nothing else.
+Multi-process: `torchrun --nproc_per_node N -m sparknet.run ...` (or `accelerate launch`); every process
+reads its own share of each step from the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparknet.config import RunConfig, field_docs, load_config, to_dict
+from sparknet.errors import SparknetError, cli_main
+
+# Train fields that change how a run is operated, not what it computes: left out of the run's identity,
+# so e.g. checkpointing more often or moving to another device still resumes the same run.
+_OPERATIONAL = ("device", "compile", "checkpoint_minutes", "checkpoint_every_tokens", "keep_checkpoints",
+                "log_every_steps", "diverge_factor", "peak_flops")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    d = to_dict(cfg)
+    ident = {"mixture": d["mixture"], "tokenizer": d["tokenizer"], "model": d["model"],
+             "train": {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return cfg.lab_path / "runs" / f"{cfg.name}-{config_hash(cfg)}"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def run_tags(cfg: RunConfig, prepared, device_name: str, world: int) -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    tags = {"sparknet.mixture": cfg.name, "sparknet.config_hash": config_hash(cfg),
+            "sparknet.plan_sha256": prepared.plan.fingerprint(), "sparknet.tokenizer": prepared.tokenizer.fingerprint,
+            "sparknet.git_commit": commit or "unknown",
+            "sparknet.git_dirty": ("true" if _git("status", "--porcelain", "--untracked-files=no") else "false")
+            if commit else "unknown",
+            "sparknet.device": device_name, "sparknet.world_size": str(world),
+            "sparknet.total_tokens": str(cfg.mixture.total_tokens),
+            "version.python": platform.python_version()}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for pkg in ("sparknet", "torch", "transformers", "accelerate", "mlflow", "numpy", "tiktoken"):
+        try:
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    for name, st in prepared.stores.items():
+        blob = json.dumps(st.manifest, sort_keys=True).encode()
+        tags[f"sparknet.data.{name}"] = f"{st.dir.name} manifest:{hashlib.sha256(blob).hexdigest()[:16]}"
+    return tags
+
+
+_ACCELERATORS: dict = {}
+
+
+def make_accelerator(cfg: RunConfig):
+    """One accelerate.Accelerator per process (its state is process-global), bf16 on CUDA when asked."""
+    import torch
+    from accelerate import Accelerator
+
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SparknetError("train.device: cuda was asked for but no CUDA device is visible (fix: "
+                            "train.device=auto or cpu)")
+    on_cuda = want != "cpu" and torch.cuda.is_available()
+    mixed = "bf16" if on_cuda and cfg.train.precision == "bf16" else "no"
+    key = (on_cuda, mixed)
+    if key not in _ACCELERATORS:
+        if _ACCELERATORS:  # accelerate keeps one state per process; a different setting needs a reset
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=False)
+            _ACCELERATORS.clear()
+        _ACCELERATORS[key] = Accelerator(cpu=not on_cuda, mixed_precision=mixed)
+    return _ACCELERATORS[key]
+
+
+def loss_curve_png(run_dir: Path, out: Path, title: str) -> Path | None:
+    """Training and per-source validation loss against tokens, from the run's local metrics."""
+    from sparknet.tracking import read_local_metrics
+
+    rows = read_local_metrics(run_dir)
+    by_key: dict[str, dict[int, tuple[float, float]]] = {}
+    for r in rows:  # a resumed run re-logs some steps: keep the last value per step
+        for k, v in r.items():
+            if k.startswith(("train/loss", "val/loss")) and "tokens" in r:
+                by_key.setdefault(k, {})[r["step"]] = (r["tokens"], v)
+    if not by_key:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for k in sorted(by_key):
+        pts = sorted(by_key[k].values())
+        style = {"lw": 1.6} if k == "train/loss" else {"lw": 1, "marker": "o", "ms": 3} if k.startswith("val") \
+            else {"lw": 0.8, "alpha": 0.6}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, **style)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / ".state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, run_dir / "state.json")
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    result: dict  # TrainResult.to_dict()
+    mlflow_run_id: str | None
+    already_done: bool = False
+
+
+def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,
+            on_eval=None, fault=None, extra_tags: dict[str, str] | None = None) -> RunOutcome:
+    """Prepare the data, train (or resume), evaluate and record one run. Used by the CLI and the sweep."""
+    from sparknet.prepare import check_budget, format_report, prepare
+    from sparknet.tracking import NullTracker, open_tracker
+    from sparknet.train import Diverged, train
+
+    accelerator = make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    run_dir = run_dir_for(cfg)
+    if fresh and is_main and run_dir.exists():
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("status") == "finished":
+        if is_main:
+            print(f"{run_dir}: already finished (rerun with --fresh to train again)")
+        return RunOutcome(run_dir, state["result"], state.get("mlflow_run_id"), already_done=True)
+
+    with accelerator.main_process_first():
+        prepared = prepare(cfg, progress=progress and is_main, write_report=is_main)
+    check_budget(prepared)
+    if is_main and progress:
+        print(format_report(prepared), flush=True)
+
+    experiment = cfg.tracking.experiment or cfg.name
+    tracker = open_tracker(cfg.tracking.enabled, cfg.tracking.uri, experiment, cfg.lab_path, run_dir,
+                           timeout_s=cfg.tracking.timeout_s, parent_run_id=parent_run_id) if is_main \
+        else NullTracker(None)
+    import yaml
+
+    from sparknet.tracking import flatten
+
+    device_name = accelerator.device.type
+    if accelerator.device.type == "cuda":
+        import torch
+        device_name = torch.cuda.get_device_name(accelerator.device)
+    tags = run_tags(cfg, prepared, device_name, accelerator.num_processes) | (extra_tags or {})
+    if is_main:
+        run_id = tracker.start(flatten(to_dict(cfg)), tags, run_name=run_dir.name,
+                               resume_run_id=state.get("mlflow_run_id") if state.get("mlflow_uri") == tracker.uri
+                               else None)
+        state.update({"status": "running", "config_hash": config_hash(cfg), "mlflow_run_id": run_id,
+                      "mlflow_uri": tracker.uri, "experiment": experiment, "started": state.get("started", time.time())})
+        _write_state(run_dir, state)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "mixture_report.json").write_text(json.dumps(prepared.to_dict(), indent=1))
+        (run_dir / "mixture_report.txt").write_text(format_report(prepared) + "\n")
+        for name in ("config.yaml", "mixture_report.json", "mixture_report.txt"):
+            tracker.log_artifact(run_dir / name)
+        if tracker.url:
+            print(f"tracking: {tracker.url}", flush=True)
+
+    try:
+        result = train(cfg, prepared, accelerator, run_dir, tracker, on_eval=on_eval, progress=progress,
+                       fault=fault)
+    except Diverged as exc:
+        if is_main:
+            state.update(status="diverged", error=str(exc))
+            _write_state(run_dir, state)
+            tracker.set_tags({"sparknet.failure": str(exc)[:5000]})
+            _finish_artifacts(cfg, run_dir, tracker)
+            tracker.end("FAILED")
+        raise
+    except KeyboardInterrupt:
+        if is_main:
+            state.update(status="interrupted")
+            _write_state(run_dir, state)
+            tracker.end("KILLED")
+        raise
+    except BaseException as exc:
+        if is_main:
+            state.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            _write_state(run_dir, state)
+            tracker.set_tags({"sparknet.failure": f"{type(exc).__name__}: {exc}"[:5000]})
+            tracker.end("FAILED")
+        raise
+
+    if is_main:
+        final = run_dir / "final"
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in Path(result.checkpoint).iterdir():
+            if f.name not in ("trainer.safetensors", "trainer_state.json"):
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        result.final_model = str(final)
+        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        tracker.log_artifact(run_dir / "result.json")
+        _finish_artifacts(cfg, run_dir, tracker)
+        if cfg.tracking.log_model:
+            tracker.log_artifact(final, "model")
+        tracker.set_tags({"sparknet.final_model": str(final.resolve())})
+        tracker.end("FINISHED")
+        state.update(status="finished", result=result.to_dict(), finished=time.time())
+        _write_state(run_dir, state)
+    accelerator.wait_for_everyone()
+    return RunOutcome(run_dir, result.to_dict(), state.get("mlflow_run_id"))
+
+
+def _finish_artifacts(cfg: RunConfig, run_dir: Path, tracker) -> None:
+    png = loss_curve_png(run_dir, run_dir / "loss.png", f"{run_dir.name}")
+    if png:
+        tracker.log_artifact(png)
+    tracker.log_artifact(run_dir / "samples.txt")
+    tracker.log_artifact(run_dir / "metrics.jsonl")
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """What the run would do, without touching the data or the GPU."""
+    from sparknet.mixture import build_plan
+    from sparknet.model import GPTShape
+    from sparknet.tokenizer import GPT2_VOCAB
+    from sparknet.train import PEAK_FLOPS, lr_at
+
+    t = cfg.train
+    plan = build_plan(cfg.mixture, t.seq_len)
+    vocab = GPT2_VOCAB if cfg.tokenizer.name == "gpt2" else cfg.tokenizer.vocab_size
+    shape = GPTShape.from_config(cfg.model, vocab)
+    per_step = t.micro_batch_size * t.grad_accum_steps
+    num_steps = -(-plan.num_sequences // per_step)
+    warmup = round(t.warmup_fraction * num_steps)
+    flops = shape.flops_per_token(t.seq_len)
+    lines = [
+        f"run {run_dir_for(cfg)}",
+        f"model {cfg.model.preset} {shape.n_layer}x{shape.n_embd} ({shape.n_head} heads, context "
+        f"{shape.n_positions}): {shape.num_params() / 1e6:.2f}M parameters exported"
+        + (f" (vocab {vocab:,}, padded to {shape.padded_vocab_size:,} while training)" if cfg.tokenizer.name == "gpt2"
+           else f" (tokenizer {cfg.tokenizer.name}: vocab assumed {vocab:,})")
+        + f", {flops / 1e6:.0f} MFLOP/token",
+        f"budget {plan.total_tokens:,} tokens = {plan.num_sequences:,} sequences of {t.seq_len} (last "
+        f"{plan.last_len}); {num_steps:,} steps of {per_step} sequences ({per_step * t.seq_len:,} tokens) "
+        f"per process group",
+        f"schedule {t.schedule}: warmup {warmup:,} steps to {t.lr:g}, ending at {lr_at(num_steps - 1, num_steps, t):.3g}"
+        f"; AdamW betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay}, clip {t.grad_clip}",
+    ]
+    for name, tok in zip(plan.source_names, plan.tokens_per_source()):
+        lines.append(f"  {name:<16} {int(tok):>15,} tokens ({tok / plan.total_tokens:6.2%})")
+    total = flops * plan.total_tokens
+    est = ", ".join(f"{gpu} {total / (peak * 0.4) / 3600:.1f} h" for gpu, peak in
+                    [("H100", PEAK_FLOPS["H100"]), ("A100", PEAK_FLOPS["A100"]), ("GB10", PEAK_FLOPS["GB10"])])
+    lines.append(f"compute {total:.3g} FLOPs; at 40% MFU: {est}")
+    lines.append(f"tracking: {'off' if not cfg.tracking.enabled else cfg.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or f'sqlite:///{cfg.lab_path}/mlflow.db'}"
+                 f", experiment {cfg.tracking.experiment or cfg.name}")
+    return "\n".join(lines)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sparknet.run", description=__doc__.split("\n")[0])
+    ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, model and schedule; train nothing")
+    ap.add_argument("--fresh", action="store_true", help="discard this run's checkpoints and start over")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or reports")
+    ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        for key, doc in field_docs().items():
+            print(f"{key:<36} {doc}")
+        return 0
+    if not args.mixture:
+        raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.run mixtures/quickstart.yaml)")
+    cfg = load_config(args.mixture, args.overrides)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
+    out = execute(cfg, fresh=args.fresh, progress=not args.quiet)
+    r = out.result
+    if out.result:
+        val = ", ".join(f"{k} {v:.3f}" for k, v in r["val_loss"].items())
+        mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        print(f"done: {r['tokens']:,} tokens in {r['steps']:,} steps, {r['seconds']:.0f} s "
+              f"({r['tokens_per_s']:,.0f} tokens/s{mfu}); train loss {r['train_loss']:.4f}; val loss {val}")
+        print(f"model: {r['final_model']}  (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""The training loop: one plan, exactly `total_tokens`, read top to bottom.
+
+    train(cfg, prepared, accelerator, run_dir, tracker) -> TrainResult
+
+What it does per optimizer step: set the LR from the schedule (a pure function of the step), run
+`grad_accum_steps` micro-batches (gradients synchronized across processes only on the last one), clip,
+step AdamW, all-reduce the step's loss statistics, stop on divergence, then log / evaluate /
+checkpoint when due. Everything a resumed run needs is the plan position (the step): batches and
+LR are functions of it, the rest (weights, AdamW moments, RNG) is in the checkpoint.
+
+The loss of a step is the mean NLL over the step's predicted tokens across all processes and
+micro-batches, so a 2-process run with half the micro-batch equals a 1-process run (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparknet.config import RunConfig, TrainConfig
+from sparknet.data import IGNORE_INDEX, Loader
+from sparknet.errors import RunFailed, SparknetError
+from sparknet.model import GPT, build_model, export_hf
+from sparknet.prepare import Prepared
+from sparknet.tracking import NullTracker
+
+# Dense bf16 peak FLOP/s by GPU name substring (DESIGN.md); `train.peak_flops` overrides.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "4090": 165e12,
+              "3090": 71e12, "GB10": 100e12, "L40S": 362e12, "A6000": 155e12}
+
+
+def peak_flops(device: torch.device, override: float) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def lr_at(step: int, num_steps: int, t: TrainConfig) -> float:
+    """The LR of optimizer step `step`. Warmup and decay are fractions of the run, so the schedule keeps
+    its shape at any budget (a 50M-token sweep trial and the 1B-token run look alike)."""
+    warmup = round(t.warmup_fraction * num_steps)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    if t.schedule == "wsd":  # constant, then a linear decay over the last decay_fraction
+        decay_start = num_steps - max(1, round(t.decay_fraction * num_steps))
+        if step < decay_start:
+            return t.lr
+        progress = (step - decay_start + 1) / (num_steps - decay_start)
+        return t.lr + (t.min_lr - t.lr) * progress
+    progress = (step - warmup + 1) / max(1, num_steps - warmup)
+    if t.schedule == "linear":
+        return t.lr + (t.min_lr - t.lr) * progress
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def step_tokens(loader: Loader, step: int) -> int:
+    """Predicted tokens in optimizer step `step`, all processes together (the last step may be short)."""
+    plan, sps = loader.plan, loader.sequences_per_step
+    first, end = step * sps, min((step + 1) * sps, plan.num_sequences)
+    cut = plan.seq_len - plan.last_len if end == plan.num_sequences else 0
+    return (end - first) * plan.seq_len - cut
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | diverged
+    steps: int
+    tokens: int
+    tokens_per_source: dict[str, int]
+    train_loss: float  # mean over the last logging interval
+    val_loss: dict[str, float]
+    seconds: float  # training wall time (all sessions of a resumed run)
+    tokens_per_s: float
+    mfu: float | None
+    checkpoint: str = ""
+    final_model: str = ""
+    samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Diverged(RunFailed):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: <run_dir>/checkpoints/step-00001234/ = an HF checkpoint (model.safetensors, config.json,
+# tokenizer) + trainer.safetensors (exact padded weights, AdamW moments, RNG) + trainer_state.json.
+# Written into a temp dir and renamed, so a kill leaves the previous checkpoint intact. No pickles.
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(model, tmp, tokenizer_hf, eos_token_id=state.get("eos_token_id"))
+    tensors = {f"model.{k.removeprefix('_orig_mod.')}": v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, val in st.items():
+            tensors[f"optim.{idx}.{key}"] = (val if torch.is_tensor(val) else torch.tensor(val)).detach().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    meta = dict(state, param_groups=opt["param_groups"], rng_python=random.getstate(),
+                rng_numpy=[np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step checkpointed again (e.g. the end of a resumed finished run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fd = os.open(root, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.startswith("step-") and
+                   (p / "trainer_state.json").exists()), key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, model: GPT, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainer.safetensors"))
+    meta = json.loads((path / "trainer_state.json").read_text())
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+    kind, pos, has_gauss, cached = meta["rng_numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation while training: per-source held-out loss and greedy samples (main process only).
+
+
+@torch.no_grad()
+def source_val_loss(model: GPT, prepared: Prepared, seq_len: int, max_tokens: int, batch_size: int,
+                    device: torch.device, autocast) -> dict[str, float]:
+    """Token-weighted mean NLL on each source's held-out slice, in non-overlapping seq_len windows."""
+    model.eval()
+    out = {}
+    for name in prepared.plan.source_names:
+        val = prepared.stores[name].val()
+        n = len(val) if not max_tokens else min(len(val), max_tokens + 1)
+        ids = np.asarray(val.read(0, n), dtype=np.int64)
+        num_windows = (len(ids) - 1) // seq_len
+        if num_windows == 0:
+            continue
+        windows = ids[: num_windows * seq_len + 1]
+        x = np.lib.stride_tricks.sliding_window_view(windows, seq_len + 1)[::seq_len]
+        total, count = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)
+            with autocast():
+                nll = model(chunk[:, :-1], chunk[:, 1:])
+            total += float(nll.sum())
+            count += nll.numel()
+        out[name] = total / count
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def greedy_samples(model: GPT, tokenizer, prompts: tuple[str, ...], num_tokens: int, device: torch.device,
+                   autocast) -> list[str]:
+    model.eval()
+    out = []
+    ctx = model.shape.n_positions
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+        for _ in range(num_tokens):
+            with autocast():
+                logits = model(ids[:, -ctx:])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out.append(prompt + tokenizer.decode(ids[0, -num_tokens:].tolist()) if num_tokens else prompt)
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _batches(loader: Loader, start_step: int, rank: int, device: torch.device):
+    """(step, micro, input_ids, labels, source_ids) from a background thread: reading the memmapped
+    shards and pinning host memory overlaps with the GPU's work; copies are non-blocking."""
+    q: queue.Queue = queue.Queue(maxsize=2 * loader.grad_accum_steps)
+    pin = device.type == "cuda"
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for step in range(start_step, loader.num_steps):
+                for micro in range(loader.grad_accum_steps):
+                    b = loader.batch(step, micro, rank)
+                    ts = [torch.from_numpy(a) for a in (b.input_ids, b.labels, b.source_ids)]
+                    if pin:
+                        ts = [t.pin_memory() for t in ts]
+                    while not stop.is_set():
+                        try:
+                            q.put((step, micro, *ts), timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as exc:  # surface reader errors in the training thread
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="sparknet-batches")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            step, micro, *ts = item
+            yield (step, micro, *(t.to(device, non_blocking=pin) for t in ts))
+            if step == loader.num_steps - 1 and micro == loader.grad_accum_steps - 1:
+                return
+    finally:
+        stop.set()
+
+
+def _maybe_compile(model, mode: str, device: torch.device, example: tuple[torch.Tensor, torch.Tensor], autocast):
+    """torch.compile when asked (auto: on CUDA), with a warm-up step so that a compiler failure (as on
+    the DGX Spark's GB10 without a CUDA 13 ptxas) falls back to eager here, not mid-run."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return model, False
+    compiled = torch.compile(model)
+    try:
+        with autocast():
+            compiled(*example).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled, True
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        print(f"warning: torch.compile failed ({type(exc).__name__}: {first}); training in eager mode "
+              f"(on a DGX Spark set TRITON_PTXAS_PATH to CUDA 13's ptxas)", file=sys.stderr, flush=True)
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        return model, False
+
+
+def build_optimizer(model: GPT, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay only the matmul weights: biases, LayerNorms and the (tied) embedding are left alone.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracker: NullTracker | None = None,
+          *, on_eval=None, progress: bool = True, fault=None) -> TrainResult:
+    """Train from the plan (resuming from the newest checkpoint in `run_dir`), evaluate, checkpoint.
+
+    on_eval(tokens, val_losses) is called after each evaluation (the sweep reports and prunes there).
+    fault(step, loss_tensor) -> loss_tensor lets tests inject a NaN; None in real runs."""
+    t = cfg.train
+    tracker = tracker or NullTracker(run_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, norms) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    loader = prepared.loader(world)
+    num_steps = loader.num_steps
+    names = prepared.plan.source_names
+    num_sources = len(names)
+
+    model = build_model(cfg.model, prepared.tokenizer.vocab_size, t.seed).to(device)
+    optimizer = build_optimizer(model, t, device)
+    ckpt_root = run_dir / "checkpoints"
+    state = {"step": 0, "tokens": 0, "tokens_per_source": [0] * num_sources, "seconds": 0.0,
+             "recent_losses": [], "next_eval_tokens": cfg.eval.every_tokens,
+             "plan_sha256": prepared.plan.fingerprint(), "eos_token_id": prepared.tokenizer.eot_id}
+    existing = list_checkpoints(ckpt_root)
+    if existing:
+        state = load_checkpoint(existing[-1], model, optimizer)
+        if state["plan_sha256"] != prepared.plan.fingerprint():
+            raise SparknetError(f"{existing[-1]}: checkpoint was written for a different data plan (fix: "
+                                f"rerun with --fresh, or delete {run_dir})")
+        if is_main:
+            print(f"resuming from {existing[-1].name}: {state['tokens']:,} of {prepared.plan.total_tokens:,} "
+                  f"tokens done", flush=True)
+    model_ddp, optimizer = accelerator.prepare(model, optimizer)
+    autocast = accelerator.autocast
+    example = (torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device),
+               torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device))
+    fwd, compiled = _maybe_compile(model_ddp, t.compile, device, example, autocast) if state["step"] < num_steps \
+        else (model_ddp, False)
+    hf_tok = prepared.tokenizer.to_hf() if is_main else None
+    flops_per_token = model.shape.flops_per_token(t.seq_len)
+    peak = peak_flops(device, t.peak_flops)
+    if is_main:
+        print(f"model {cfg.model.preset}: {model.shape.num_params() / 1e6:.2f}M parameters, "
+              f"{flops_per_token / 1e6:.0f} MFLOP/token; {num_steps:,} steps of {step_tokens(loader, 0):,} tokens on "
+              f"{world} x {device.type}{' (compiled)' if compiled else ''}", flush=True)
+
+    step, tokens = state["step"], state["tokens"]
+    per_source_tokens = np.array(state["tokens_per_source"], dtype=np.int64)
+    recent = deque(state["recent_losses"], maxlen=50)
+    seconds_before = state["seconds"]
+    session_start = time.time()
+    paused = 0.0  # seconds spent evaluating/checkpointing, excluded from throughput
+    last_ckpt_time, last_ckpt_tokens = time.time(), tokens
+    # Interval statistics on the device: [loss_sum, tokens, per-source loss sums..., per-source tokens...].
+    interval = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
+    interval_start, interval_tokens, grad_norm = time.time(), 0, torch.zeros((), device=device)
+    last = {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": None}
+    val_losses: dict[str, float] = {}
+    samples: list[str] = []
+    bar = None
+    if is_main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=prepared.plan.total_tokens, initial=tokens, unit="tok", unit_scale=True,
+                   dynamic_ncols=True, desc=cfg.name[:20], file=sys.stderr)
+
+    def evaluate_now() -> None:
+        nonlocal paused, val_losses, samples
+        t0 = time.time()
+        if is_main:
+            val_losses = source_val_loss(model, prepared, t.seq_len, cfg.eval.val_tokens, cfg.eval.batch_size,
+                                         device, autocast)
+            samples = greedy_samples(model, prepared.tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_tokens,
+                                     device, autocast)
+            metrics = {f"val/loss/{k}": v for k, v in val_losses.items()}
+            if val_losses:
+                metrics["val/loss"] = float(np.mean(list(val_losses.values())))
+            tracker.log_metrics(metrics | {"tokens": tokens}, step)
+            with open(run_dir / "samples.txt", "a") as f:
+                f.write(f"## step {step}, {tokens:,} tokens\n" + "\n".join(f"- {s!r}" for s in samples) + "\n")
+        accelerator.wait_for_everyone()
+        paused += time.time() - t0
+        if on_eval is not None and is_main:
+            on_eval(tokens, dict(val_losses))
+
+    def checkpoint_now() -> Path | None:
+        nonlocal paused, last_ckpt_time, last_ckpt_tokens
+        t0 = time.time()
+        path = None
+        if is_main:
+            snapshot = dict(state, step=step, tokens=tokens, tokens_per_source=per_source_tokens.tolist(),
+                            seconds=seconds_before + (time.time() - session_start), recent_losses=list(recent))
+            path = save_checkpoint(ckpt_root, model, optimizer, snapshot, hf_tok, t.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        paused += time.time() - t0
+        last_ckpt_time, last_ckpt_tokens = time.time(), tokens
+        return path
+
+    batches = _batches(loader, step, rank, device) if step < num_steps else iter(())
+    model_ddp.train()
+    while step < num_steps:
+        lr = lr_at(step, num_steps, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_step_tokens = step_tokens(loader, step)
+        stats = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
+        for micro in range(t.grad_accum_steps):
+            _, _, input_ids, labels, source_ids = next(batches)
+            # Synchronize gradients across processes only on the last micro-batch (accelerate's no_sync).
+            sync = nullcontext() if micro == t.grad_accum_steps - 1 else accelerator.no_sync(model_ddp)
+            with sync:
+                with autocast():
+                    nll = fwd(input_ids, labels)  # [B, T], 0 where labels are ignored
+                if fault is not None:
+                    nll = fault(step, nll)
+                # Sum over this micro-batch / the whole step's tokens; x world because DDP averages.
+                accelerator.backward(nll.sum() * (world / n_step_tokens))
+            with torch.no_grad():
+                row_loss = nll.detach().double().sum(dim=1)
+                row_tokens = (labels != IGNORE_INDEX).sum(dim=1).double()
+                src = source_ids.clamp(min=0)
+                real = (source_ids >= 0).double()
+                stats[0] += row_loss.sum()
+                stats[1] += row_tokens.sum()
+                stats[2:2 + num_sources].index_add_(0, src, row_loss * real)
+                stats[2 + num_sources:].index_add_(0, src, row_tokens * real)
+        grad_norm = accelerator.clip_grad_norm_(model_ddp.parameters(), t.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = accelerator.reduce(stats, reduction="sum")
+        step_loss = float(stats[0] / stats[1])  # one host sync per step: the divergence guard needs it
+
+        # Divergence guard: a non-finite loss, or one far above its recent average, ends the run; the
+        # last checkpoint (written before this step) is the last good state and is kept.
+        if not math.isfinite(step_loss) or (len(recent) >= 10 and step_loss > t.diverge_factor * np.mean(recent)):
+            why = "is not finite" if not math.isfinite(step_loss) else \
+                f"is {step_loss / np.mean(recent):.1f}x its recent average {np.mean(recent):.3f}"
+            good = list_checkpoints(ckpt_root)
+            raise Diverged(f"diverged at step {step} ({tokens:,} tokens): loss {step_loss:.4g} {why}; last good "
+                           f"checkpoint: {good[-1] if good else 'none yet'} (fix: lower train.lr, raise "
+                           f"train.warmup_fraction or lower train.grad_clip)")
+        recent.append(step_loss)
+
+        step += 1
+        tokens += n_step_tokens
+        counted = stats[2 + num_sources:].round().long().cpu().numpy()
+        per_source_tokens += counted
+        interval += stats
+        interval_tokens += n_step_tokens
+        if bar is not None:
+            bar.update(n_step_tokens)
+
+        if step % t.log_every_steps == 0 or step == num_steps:
+            iv = interval.cpu().numpy()
+            elapsed = time.time() - interval_start - paused
+            last["loss"] = float(iv[0] / iv[1])
+            last["tokens_per_s"] = interval_tokens / max(elapsed, 1e-9)
+            last["mfu"] = last["tokens_per_s"] * flops_per_token / (peak * world) if peak else None
+            metrics = {"train/loss": last["loss"], "train/lr": lr, "train/grad_norm": float(grad_norm),
+                       "perf/tokens_per_s": last["tokens_per_s"], "tokens": tokens}
+            for i, name in enumerate(names):
+                if iv[2 + num_sources + i]:
+                    metrics[f"train/loss/{name}"] = float(iv[2 + i] / iv[2 + num_sources + i])
+            if last["mfu"] is not None:
+                metrics["perf/mfu"] = last["mfu"]
+            if is_main:
+                tracker.log_metrics(metrics, step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+            interval.zero_()
+            interval_start, interval_tokens, paused = time.time(), 0, 0.0
+
+        if tokens >= state["next_eval_tokens"] and step < num_steps:
+            state["next_eval_tokens"] = (tokens // cfg.eval.every_tokens + 1) * cfg.eval.every_tokens
+            evaluate_now()
+        due_time = t.checkpoint_minutes and time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
+        due_tokens = t.checkpoint_every_tokens and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
+        if (due_time or due_tokens) and step < num_steps:
+            checkpoint_now()
+
+    if bar is not None:
+        bar.close()
+    # The end: the final evaluation, then a checkpoint so that rerunning a finished run does no work.
+    evaluate_now()
+    existing = list_checkpoints(ckpt_root)
+    final_ckpt = existing[-1] if existing and existing[-1].name == f"step-{step:08d}" else checkpoint_now()
+    seconds = seconds_before + (time.time() - session_start)
+    if is_main:
+        # Counted from the batches actually trained on (labels that took a loss), not copied from the plan.
+        expected = prepared.plan.tokens_per_source()
+        if per_source_tokens.tolist() != expected.tolist():
+            raise AssertionError(f"trained tokens per source {per_source_tokens.tolist()} differ from the plan "
+                                 f"{expected.tolist()}")
+        tracker.log_metrics({f"tokens/{n}": int(v) for n, v in zip(names, per_source_tokens)} | {"tokens": tokens},
+                            step)
+    return TrainResult(
+        status="finished", steps=step, tokens=tokens,
+        tokens_per_source={n: int(v) for n, v in zip(names, per_source_tokens)},
+        train_loss=last["loss"], val_loss=val_losses, seconds=seconds, tokens_per_s=last["tokens_per_s"],
+        mfu=last["mfu"], checkpoint=str(final_ckpt or ""), samples=samples)

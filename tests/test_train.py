@@ -1,0 +1,328 @@
+"""Training end to end on real text with a tiny model: it learns, spends exactly the budget, resumes
+exactly after SIGKILL, stops on divergence, runs as 2 gloo processes, and records itself in MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparknet.config import TrainConfig, load_config
+from sparknet.run import execute, main, run_dir_for
+from sparknet.train import Diverged, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+# Two real-text domains, a 512-token BPE and a ~130k-parameter model: ~100k tokens train in seconds.
+MIXTURE = """
+mixture:
+  total_tokens: 131072
+  val_tokens: 4096
+  sources:
+    - {{name: edu, kind: local, path: {edu}, weight: 0.6, max_repeats: 4}}
+    - {{name: textbooks, kind: local, path: {books}, weight: 0.4, max_repeats: 4}}
+tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 400000}}
+model: {{preset: cpu-tiny, n_positions: 64}}
+train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 2, lr: 3e-3, min_lr: 3e-4,
+         warmup_fraction: 0.05, log_every_steps: 1, checkpoint_minutes: 0}}
+eval: {{every_tokens: 49152, val_tokens: 2048, sample_tokens: 8, sample_prompts: ["The", "In 1990"]}}
+prepare: {{workers: 1, shard_tokens: 65536}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, request):
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real text not available: {SHARED_DATA} is absent")
+    d = tmp_path_factory.mktemp("lab")
+    spec = d / "tiny.yaml"
+    spec.write_text(MIXTURE.format(edu=SHARED_DATA / "web_edu" / "fineweb_edu_sample.jsonl",
+                                   books=SHARED_DATA / "academic" / "openstax_textbooks.jsonl"))
+    return d
+
+
+def cfg_for(lab: Path, *overrides: str):
+    return load_config(lab / "tiny.yaml", [f"lab_dir={lab}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished(lab):
+    """One uninterrupted reference run, shared by several tests."""
+    torch.set_num_threads(1)
+    cfg = cfg_for(lab)
+    out = execute(cfg, progress=False)
+    return cfg, out
+
+
+def test_tiny_model_learns_real_text_and_trains_exactly_the_budget(finished):
+    from sparknet.model import build_model
+    from sparknet.prepare import prepare
+    from sparknet.train import source_val_loss
+
+    cfg, out = finished
+    r = out.result
+    prepared = prepare(cfg, progress=False, write_report=False)
+    assert r["tokens"] == 131072
+    assert r["tokens_per_source"] == dict(zip(prepared.plan.source_names, prepared.plan.tokens_per_source().tolist()))
+    assert sum(r["tokens_per_source"].values()) == 131072
+    # The untrained model's held-out loss is about ln(512) = 6.24; after 100k tokens it must be far below.
+    untrained = build_model(cfg.model, prepared.tokenizer.vocab_size, cfg.train.seed)
+    start = source_val_loss(untrained, prepared, 64, 2048, 16, torch.device("cpu"), nullcontext)
+    for name, loss in r["val_loss"].items():
+        assert start[name] > 6.0
+        assert loss < start[name] - 1.0, (name, start[name], loss)
+    assert len(r["samples"]) == 2 and r["samples"][0].startswith("The")
+
+
+def test_rerunning_a_finished_run_does_nothing(finished, capsys):
+    cfg, out = finished
+    again = execute(cfg, progress=False)
+    assert again.already_done and again.result == out.result
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_checkpoint_round_trip_through_automodel(finished):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparknet.model import GPT, GPTShape
+    from sparknet.train import build_optimizer, list_checkpoints, load_checkpoint
+
+    cfg, out = finished
+    final = Path(out.result["final_model"])
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = torch.tensor([tok("The cell membrane is made of lipids.")["input_ids"]])
+    ckpt = list_checkpoints(out.run_dir / "checkpoints")[-1]
+    model = GPT(GPTShape.from_config(cfg.model, hf.config.vocab_size))
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    state = load_checkpoint(ckpt, model, opt)
+    assert state["step"] == out.result["steps"] and state["tokens"] == 131072
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids), hf(ids).logits, atol=1e-5, rtol=1e-4)
+    assert not list(final.glob("*.bin")) and not list(final.glob("*.pt")) and not list(final.glob("*.pkl"))
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(finished):
+    from mlflow.tracking import MlflowClient
+
+    cfg, out = finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.lab_path / 'mlflow.db'}")
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    p, tags, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["train.lr"] == "0.003" and p["mixture.sources.edu.weight"] == "0.6" and p["model.preset"] == "cpu-tiny"
+    assert p["mixture.total_tokens"] == "131072"
+    assert tags["sparknet.plan_sha256"] and tags["sparknet.git_commit"] and tags["version.torch"]
+    assert tags["sparknet.git_dirty"] in ("true", "false", "unknown") and "sparknet.data.edu" in tags
+    assert tags["sparknet.device"] == "cpu"
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss/edu",
+                "val/loss/textbooks", "train/loss/edu", "train/loss/textbooks"):
+        assert key in m, key
+    assert m["tokens/edu"] + m["tokens/textbooks"] == 131072
+    assert m["tokens/edu"] == out.result["tokens_per_source"]["edu"]
+    history = client.get_metric_history(out.mlflow_run_id, "train/loss")
+    assert len(history) == out.result["steps"]  # logged every step (log_every_steps=1)
+    assert history[-1].value < history[0].value - 1.0
+    lr = [h.value for h in sorted(client.get_metric_history(out.mlflow_run_id, "train/lr"), key=lambda h: h.step)]
+    assert max(lr) == pytest.approx(3e-3) and lr[-1] == pytest.approx(3e-4)
+    names = {a.path for a in client.list_artifacts(out.mlflow_run_id)}
+    assert {"config.yaml", "mixture_report.json", "mixture_report.txt", "samples.txt", "loss.png",
+            "result.json", "metrics.jsonl"} <= names
+    assert Path(cfg.lab_path / "mlartifacts").is_dir()  # artifacts next to the store, not ./mlruns
+
+
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(finished, lab):
+    cfg, ref = finished
+    cmd = [sys.executable, "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=killed",
+           "train.checkpoint_every_tokens=4096", "train.keep_checkpoints=3", "--quiet"]
+    killed_dir = run_dir_for(cfg_for(lab, "name=killed"))
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed_dir / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted((killed_dir / "checkpoints").glob("step-*"))
+    assert ckpts, "no checkpoint was written before the kill"
+    assert json.loads((killed_dir / "state.json").read_text())["status"] == "running"  # really cut short
+    steps_at_kill = int(ckpts[-1].name.split("-")[1])
+    assert steps_at_kill < ref.result["steps"]
+
+    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from step-" in done.stdout
+    res = json.loads((killed_dir / "result.json").read_text())
+    assert res["steps"] == ref.result["steps"] and res["tokens"] == 131072
+    assert res["tokens_per_source"] == ref.result["tokens_per_source"]
+    # Same final loss (the last step's, logged alone) and the same held-out losses as the reference.
+    assert res["train_loss"] == pytest.approx(ref.result["train_loss"], rel=1e-6)
+    for k, v in ref.result["val_loss"].items():
+        assert res["val_loss"][k] == pytest.approx(v, rel=1e-6)
+    a = (Path(ref.result["final_model"]) / "model.safetensors").read_bytes()
+    b = (killed_dir / "final" / "model.safetensors").read_bytes()
+    assert a == b  # bit-identical weights
+
+
+def test_divergence_guard_stops_on_a_forced_nan_and_keeps_the_last_good_checkpoint(lab):
+    from mlflow.tracking import MlflowClient
+
+    cfg = cfg_for(lab, "name=nan", "train.checkpoint_every_tokens=2048")
+
+    def fault(step, nll):
+        return nll * float("nan") if step == 5 else nll
+
+    with pytest.raises(Diverged, match=r"diverged at step 5 .*not finite.*last good checkpoint: .*step-00000004"):
+        execute(cfg, progress=False, fault=fault)
+    run_dir = run_dir_for(cfg)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "diverged" and "lower train.lr" in state["error"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))[-1] == "step-00000004"
+    run = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}").get_run(state["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "not finite" in run.data.tags["sparknet.failure"]
+
+
+def test_divergence_guard_fires_on_a_loss_spike(lab):
+    cfg = cfg_for(lab, "name=spike", "tracking.enabled=false")
+    with pytest.raises(Diverged, match=r"diverged at step 12 .*x its recent average"):
+        execute(cfg, progress=False, fault=lambda step, nll: nll * 10 if step == 12 else nll)
+
+
+def test_two_process_gloo_run_matches_one_process(finished, lab):
+    cfg, ref = finished
+    # Same global batch: 2 processes x 4 sequences x 2 micro-batches = 1 x 8 x 2.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=ddp",
+           "train.micro_batch_size=4", "--quiet"]
+    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = run_dir_for(cfg_for(lab, "name=ddp", "train.micro_batch_size=4"))
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["tokens"] == 131072 and res["tokens_per_source"] == ref.result["tokens_per_source"]
+    assert res["steps"] == ref.result["steps"]
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}").get_run(
+        json.loads((run_dir / "state.json").read_text())["mlflow_run_id"])
+    assert run.data.tags["sparknet.world_size"] == "2"  # really two processes
+    # Same data, same normalization: the losses agree up to float summation order.
+    for k, v in ref.result["val_loss"].items():
+        assert res["val_loss"][k] == pytest.approx(v, rel=2e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with lean settings (one worker, no job runner)."""
+    import urllib.request
+
+    port = _free_port()
+    env = dict(ENV, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start within 90 s")
+    yield url, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflow_server, capsys):
+    from mlflow.tracking import MlflowClient
+
+    url, proc = mlflow_server
+    cfg = cfg_for(lab, "name=served", f"tracking.uri={url}", "tracking.timeout_s=3")
+    calls = []
+
+    def stop_server_at_first_eval(tokens, val):
+        calls.append(tokens)
+        if len(calls) == 1:
+            client = MlflowClient(tracking_uri=url)  # the run is there while the server lives
+            run = client.get_run(json.loads((run_dir_for(cfg) / "state.json").read_text())["mlflow_run_id"])
+            assert run.data.params["train.lr"] == "0.003"
+            assert "train/loss" in run.data.metrics
+            assert {"config.yaml", "mixture_report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    t0 = time.time()
+    out = execute(cfg, progress=False, on_eval=stop_server_at_first_eval)
+    assert time.time() - t0 < 120  # a dead server costs seconds, not minutes of retries
+    assert out.result["tokens"] == 131072 and len(calls) >= 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "training continues" in err
+    rows = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"] for r in rows if "train/loss" in r}
+    assert steps == set(range(1, out.result["steps"] + 1))  # nothing lost locally
+    assert any("val/loss/edu" in r for r in rows) and math.isfinite(out.result["train_loss"])
+
+
+def test_lr_schedules_keep_their_shape_at_any_budget():
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_fraction=0.1, schedule="cosine")
+    for n in (100, 1000):
+        lrs = np.array([lr_at(s, n, t) for s in range(n)])
+        w = round(0.1 * n)
+        assert lrs[w - 1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 / w)
+        assert lrs[-1] == pytest.approx(1e-4) and (np.diff(lrs[w:]) <= 1e-15).all()
+        mid = w + (n - w) // 2
+        assert lrs[mid - 1] == pytest.approx(5.5e-4, rel=0.02)  # cosine midpoint is the mean of lr and min_lr
+    lin = TrainConfig(lr=1e-3, min_lr=0.0, warmup_fraction=0.0, schedule="linear")
+    assert [lr_at(s, 4, lin) for s in range(4)] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    wsd = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_fraction=0.0, decay_fraction=0.2, schedule="wsd")
+    lrs = [lr_at(s, 100, wsd) for s in range(100)]
+    assert lrs[:80] == [1e-3] * 80 and lrs[-1] == pytest.approx(1e-4) and lrs[80] < 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.lr=abc"], "override 'train.lr=abc': train.lr: must be a number"),
+    (["train.lr=-1"], "train.lr: must be > 0"),
+    (["train.schedule=cosnie"], "train.schedule: must be one of"),
+    (["train.seq_len=4096"], "train.seq_len: 4096 exceeds the model's context"),
+    (["train.device=cuda"], "train.device: cuda was asked for but no CUDA device"),
+    (["trian.lr=1"], "unknown key"),
+    (["tracking.uri=http://127.0.0.1:9"], "tracking.uri: cannot start an MLflow run"),
+])
+def test_bad_overrides_fail_cleanly(lab, capsys, args, message):
+    if "cuda" in args[0] and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code = main([str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=bad", "tracking.timeout_s=2", *args, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_dry_run_prints_the_plan_without_training(capsys):
+    assert main([str(ROOT / "mixtures" / "codelion_502030.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "64.09M parameters" in out and "457 MFLOP/token" in out
+    assert "976,563 sequences" in out and "8,139 steps" in out and "500,000,256 tokens" in out
