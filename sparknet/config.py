@@ -328,8 +328,17 @@ class EvalConfig:
     batch_size: int = _f(16, "Sequences per validation forward pass.")
     sample_prompts: tuple[str, ...] = _f(DEFAULT_PROMPTS, "Fixed prompts for greedy samples.")
     sample_tokens: int = _f(32, "Tokens generated per sample (greedy).")
+    wikitext: tuple[str, ...] = _f(("sparknet-blog", "hf-strided-512", "hf-strided-1024"),
+                                   "WikiText-2 protocols scored on the final model (empty: none): "
+                                   "sparknet-blog, hf-strided-<stride>.")
+    wikitext_path: str = _f("", "A local WikiText-2 copy (folder with wiki.test.raw / wiki.valid.raw, or "
+                            "jsonl/parquet); default: $SPARKNET_WIKITEXT, else the hub through datasets.")
 
     def validate(self, at: _At) -> None:
+        for i, name in enumerate(self.wikitext):
+            if name != "sparknet-blog" and not re.fullmatch(r"hf-strided-[1-9]\d*", name):
+                at.fail(f"wikitext[{i}]", f"unknown protocol {name!r}",
+                        "use sparknet-blog or hf-strided-<stride>, e.g. hf-strided-512")
         if self.every_tokens <= 0:
             at.fail("every_tokens", f"must be > 0, got {self.every_tokens}", "use e.g. 50M")
         if self.val_tokens < 0 or self.batch_size <= 0 or self.sample_tokens < 0:

@@ -237,17 +237,53 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         result.final_model = str(final)
-        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        result_dict = result.to_dict() | score_wikitext(cfg, final, prepared, accelerator, tracker, result.steps)
+        (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
         tracker.log_artifact(run_dir / "result.json")
         _finish_artifacts(cfg, run_dir, tracker)
         if cfg.tracking.log_model:
             tracker.log_artifact(final, "model")
         tracker.set_tags({"sparknet.final_model": str(final.resolve())})
         tracker.end("FINISHED")
-        state.update(status="finished", result=result.to_dict(), finished=time.time())
+        state.update(status="finished", result=result_dict, finished=time.time())
         _write_state(run_dir, state)
     accelerator.wait_for_everyone()
-    return RunOutcome(run_dir, result.to_dict(), state.get("mlflow_run_id"))
+    return RunOutcome(run_dir, state.get("result") or result.to_dict(), state.get("mlflow_run_id"))
+
+
+def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, step: int) -> dict:
+    """The final model on WikiText-2 under `eval.wikitext`; an unreachable dataset is a recorded gap
+    (`wikitext_skipped` with the reason), not a failed run: the training is done and must not be lost."""
+    from sparknet.evaluate import evaluate_wikitext
+    from sparknet.model import load_exported
+
+    if not cfg.eval.wikitext:
+        return {"wikitext": [], "wikitext_skipped": "eval.wikitext is empty"}
+    model = load_exported(final, cfg.model).to(accelerator.device).eval()
+
+    def logits_fn(ids):
+        with accelerator.autocast():
+            return model(ids).float()
+
+    try:
+        results = evaluate_wikitext(logits_fn, prepared.tokenizer.encode_batch, prepared.tokenizer.vocab_size,
+                                    model.shape.n_positions, cfg.eval.wikitext, local=cfg.eval.wikitext_path or None,
+                                    device=accelerator.device, batch_size=cfg.eval.batch_size)
+    except SparknetError as exc:
+        print(f"warning: WikiText-2 not scored: {exc}", file=sys.stderr)
+        tracker.set_tags({"sparknet.wikitext_skipped": str(exc)[:5000]})
+        return {"wikitext": [], "wikitext_skipped": str(exc)}
+    metrics = {}
+    for r in results:
+        metrics[f"wikitext/{r.protocol}/loss"] = r.loss_nats
+        metrics[f"wikitext/{r.protocol}/ppl"] = r.perplexity
+        if r.bits_per_byte is not None:
+            metrics[f"wikitext/{r.protocol}/bpb"] = r.bits_per_byte
+        print(f"wikitext-2 {r.protocol:<16} loss {r.loss_nats:.4f}  ppl {r.perplexity:,.2f}"
+              + (f"  bpb {r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "")
+              + f"  ({r.tokens:,} tokens, {r.seconds:.1f} s)", flush=True)
+    tracker.log_metrics(metrics, step)
+    return {"wikitext": [r.to_dict() for r in results], "wikitext_skipped": ""}
 
 
 def _finish_artifacts(cfg: RunConfig, run_dir: Path, tracker) -> None:

@@ -38,7 +38,7 @@ tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 400000}}
 model: {{preset: cpu-tiny, n_positions: 64}}
 train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 2, lr: 3e-3, min_lr: 3e-4,
          warmup_fraction: 0.05, log_every_steps: 1, checkpoint_minutes: 0}}
-eval: {{every_tokens: 49152, val_tokens: 2048, sample_tokens: 8, sample_prompts: ["The", "In 1990"]}}
+eval: {{every_tokens: 49152, val_tokens: 2048, sample_tokens: 8, sample_prompts: ["The", "In 1990"], wikitext: []}}
 prepare: {{workers: 1, shard_tokens: 65536}}
 """
 
@@ -286,6 +286,37 @@ def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflo
     steps = {r["step"] for r in rows if "train/loss" in r}
     assert steps == set(range(1, out.result["steps"] + 1))  # nothing lost locally
     assert any("val/loss/edu" in r for r in rows) and math.isfinite(out.result["train_loss"])
+
+
+def test_final_model_is_scored_on_wikitext_and_recorded(lab, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import SHARED_DATA
+
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    cfg = cfg_for(lab, "name=wiki", "eval.wikitext=[hf-strided-64]",
+                  f"eval.wikitext_path={SHARED_DATA / 'wikitext-2-raw'}", "mixture.total_tokens=32768")
+    out = execute(cfg, progress=False)
+    wiki = {r["protocol"]: r for r in out.result["wikitext"]}
+    assert set(wiki) == {"hf-strided-64"} and not out.result["wikitext_skipped"]
+    for r in wiki.values():
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss_nats"]))
+        assert 1 < r["perplexity"] < 512  # better than uniform over the 512-token vocabulary
+        assert r["bits_per_byte"] > 0 and r["details"]["data_canonical"]
+    assert wiki["hf-strided-64"]["tokens"] > 500_000  # the whole test split (BPE-512 tokens)
+    m = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}").get_run(out.mlflow_run_id).data.metrics
+    assert m["wikitext/hf-strided-64/ppl"] == pytest.approx(wiki["hf-strided-64"]["perplexity"])
+
+
+def test_unreachable_wikitext_is_a_recorded_gap_not_a_failed_run(lab, monkeypatch):
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(lab / "empty-hf-cache"))
+    cfg = cfg_for(lab, "name=nowiki", "eval.wikitext=[hf-strided-64]", "mixture.total_tokens=16384",
+                  "tracking.enabled=false")
+    out = execute(cfg, progress=False)
+    assert out.result["tokens"] == 16384 and out.result["wikitext"] == []
+    assert "SPARKNET_WIKITEXT" in out.result["wikitext_skipped"]
+    assert json.loads((out.run_dir / "state.json").read_text())["status"] == "finished"
 
 
 def test_lr_schedules_keep_their_shape_at_any_budget():
