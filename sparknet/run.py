@@ -219,11 +219,13 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
             tracker.end("KILLED")
         raise
     except BaseException as exc:
+        # A sweep's pruning arrives here as an exception that names its own ending (KILLED, "pruned").
         if is_main:
-            state.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            state.update(status=getattr(exc, "state_status", "failed"), error=f"{type(exc).__name__}: {exc}"[:2000])
             _write_state(run_dir, state)
             tracker.set_tags({"sparknet.failure": f"{type(exc).__name__}: {exc}"[:5000]})
-            tracker.end("FAILED")
+            _finish_artifacts(cfg, run_dir, tracker)
+            tracker.end(getattr(exc, "run_status", "FAILED"))
         raise
 
     if is_main:
