@@ -240,3 +240,184 @@ def read_local_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut by a kill mid-write
             continue
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading runs back and writing to finished runs (used by sparknet.compare)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RunRecord:
+    """What compare needs of one MLflow run: its identity, params, tags and latest metric values."""
+
+    def __init__(self, run_id: str, experiment: str, run_name: str, status: str, start_ms: int | None,
+                 end_ms: int | None, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]):
+        self.run_id, self.experiment, self.run_name, self.status = run_id, experiment, run_name, status
+        self.start_ms, self.end_ms = start_ms, end_ms
+        self.params, self.tags, self.metrics = params, tags, metrics
+
+    def __repr__(self) -> str:
+        return f"RunRecord({self.run_id!r}, experiment={self.experiment!r}, name={self.run_name!r}, {self.status})"
+
+
+def _reader(uri: str, timeout_s: float):
+    """An MlflowClient whose HTTP calls give up after seconds, as the training tracker's do."""
+    if uri.startswith("http"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _unreachable(uri: str, what: str, exc: Exception) -> SparknetError:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return SparknetError(f"MLflow at {uri}: cannot {what} ({type(exc).__name__}: {first}) (fix: start the server, "
+                         f"e.g. bash lab/mlflow_server.sh, or point --tracking-uri / MLFLOW_TRACKING_URI at a "
+                         f"reachable store)")
+
+
+def check_store(uri: str) -> None:
+    """A SQLite store that does not exist is an error here, not a new empty database: reading runs from a
+    store that was just created can only find nothing, and would leave a stray mlflow.db behind."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise SparknetError(f"MLflow store {path} does not exist (fix: train a run first, e.g. python -m "
+                                f"sparknet.run mixtures/quickstart.yaml, or pass --tracking-uri / set "
+                                f"MLFLOW_TRACKING_URI to the store the runs are in)")
+
+
+def _experiment_ids(client: Any, uri: str) -> dict[str, str]:
+    try:
+        ids: dict[str, str] = {}
+        token = None
+        while True:
+            page = client.search_experiments(max_results=1000, page_token=token)
+            ids.update((e.name, e.experiment_id) for e in page)
+            token = page.token
+            if not token:
+                return ids
+    except Exception as exc:
+        raise _unreachable(uri, "list experiments", exc) from None
+
+
+def list_experiments(uri: str, timeout_s: float = 10.0) -> list[str]:
+    """Names of the active experiments in the store."""
+    return list(_experiment_ids(_reader(uri, timeout_s), uri))
+
+
+def _record(run: Any, experiment: str) -> RunRecord:
+    return RunRecord(run.info.run_id, experiment, run.info.run_name or "", run.info.status, run.info.start_time,
+                     run.info.end_time, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
+
+
+def find_runs(uri: str, experiments: list[str] | None = None, run_ids: list[str] | None = None,
+              tags: dict[str, str] | None = None, *, require_tag: str = "", statuses: tuple[str, ...] = ("FINISHED",),
+              exclude_experiments: tuple[str, ...] = (), timeout_s: float = 10.0) -> tuple[list[RunRecord], dict]:
+    """Runs in `experiments` (None: every experiment but `exclude_experiments`) that carry all `tags`, the tag
+    `require_tag` and a status in `statuses`, plus every run in `run_ids` whatever its tags or status.
+
+    Returns (runs, skipped) where skipped counts the experiment runs left out by status, e.g. {"RUNNING": 1}.
+    An unknown experiment or run id is a SparknetError naming it (and the existing experiments).
+    """
+    client = _reader(uri, timeout_s)
+    tags = tags or {}
+    existing = _experiment_ids(client, uri)
+    if experiments is None:
+        wanted = [n for n in existing if n not in exclude_experiments]
+    else:
+        unknown = [n for n in experiments if n not in existing]
+        if unknown:
+            raise SparknetError(f"no MLflow experiment named {', '.join(map(repr, unknown))} at {uri} (existing: "
+                                f"{', '.join(existing) or 'none'})")
+        wanted = list(experiments)
+    runs: dict[str, RunRecord] = {}
+    skipped: dict[str, int] = {}
+    try:
+        ids = {existing[name]: name for name in wanted}
+        # Tag filters are checked here, not in an MLflow filter string: values may hold quotes that its
+        # grammar cannot escape, and a Python comparison is exact.
+        token = None
+        while ids:
+            page = client.search_runs(list(ids), max_results=1000, page_token=token,
+                                      order_by=["attributes.start_time ASC"])
+            for run in page:
+                rt = run.data.tags
+                if any(rt.get(k) != v for k, v in tags.items()) or (require_tag and require_tag not in rt):
+                    continue
+                if run.info.status not in statuses:
+                    skipped[run.info.status] = skipped.get(run.info.status, 0) + 1
+                    continue
+                runs[run.info.run_id] = _record(run, ids[run.info.experiment_id])
+            token = page.token
+            if not token:
+                break
+    except Exception as exc:
+        raise _unreachable(uri, "search runs", exc) from None
+    for run_id in run_ids or []:
+        if run_id in runs:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                raise SparknetError(f"--run-id {run_id}: no such run at {uri}") from None
+            raise _unreachable(uri, f"read run {run_id}", exc) from None
+        exp = client.get_experiment(run.info.experiment_id)
+        runs[run_id] = _record(run, exp.name if exp is not None else run.info.experiment_id)
+    return list(runs.values()), skipped
+
+
+def read_run_json(uri: str, run_id: str, artifact_path: str, timeout_s: float = 10.0) -> dict | None:
+    """A JSON artifact of a run (e.g. result.json), or None when the run has none or it cannot be read."""
+    import tempfile
+
+    _reader(uri, timeout_s)  # sets the HTTP timeouts
+    # One small file per run: a progress bar for each would bury the table in noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
+                                                        tracking_uri=uri)
+            return json.loads(Path(local).read_text())
+        except Exception:  # missing artifact, unreadable store, cut file: the caller shows a gap
+            return None
+
+
+def log_to_run(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, tags: dict[str, str] | None = None,
+               timeout_s: float = 10.0) -> None:
+    """Add metrics (and tags) to an existing run, finished or not, e.g. WikiText-2 scores computed later."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _reader(uri, timeout_s)
+    ts = int(time.time() * 1000)
+    try:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    except Exception as exc:
+        raise _unreachable(uri, f"log to run {run_id}", exc) from None
+
+
+def log_comparison(uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+                   files: list[Path], timeout_s: float = 10.0) -> str:
+    """One finished run in `experiment` holding `files` as artifacts; returns its id. Unlike a training run,
+    nothing else is lost if this fails, so a failure is an error rather than a warning."""
+    # With a SQLite store, artifacts go next to the database, as open_tracker arranges for training runs.
+    root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+    tracker = Tracker(uri, experiment, Path(files[0]).parent if files else Path("."), timeout_s=timeout_s,
+                      artifact_root=root)
+    try:
+        run_id = tracker.start({k: v[:_MAX_PARAM_CHARS] for k, v in params.items()}, tags, run_name=run_name)
+    except SparknetError as exc:
+        raise SparknetError(f"{exc} (or pass --no-log to skip logging the comparison)") from None
+    for f in files:
+        tracker.log_artifact(Path(f))
+    tracker.end("FINISHED")
+    if tracker.offline_since is not None:
+        raise SparknetError(f"MLflow at {uri}: the comparison run {run_id} was created but its files could not "
+                            f"all be logged (the files are kept in {Path(files[0]).parent if files else '.'})")
+    return run_id

@@ -19,6 +19,7 @@ import pytest
 from sparknet.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real text; tests that need it skip when it is absent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
@@ -48,8 +49,6 @@ pruner: {n_startup_trials: 2, n_warmup_steps: 1}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from tests.conftest import SHARED_DATA
-
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real text not available: {SHARED_DATA} is absent")
     d = tmp_path_factory.mktemp("sweeplab")

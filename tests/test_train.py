@@ -23,6 +23,7 @@ from sparknet.run import execute, main, run_dir_for
 from sparknet.train import Diverged, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real text; tests that need it skip when it is absent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
@@ -45,8 +46,6 @@ prepare: {{workers: 1, shard_tokens: 65536}}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    from tests.conftest import SHARED_DATA
-
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real text not available: {SHARED_DATA} is absent")
     d = tmp_path_factory.mktemp("lab")
@@ -290,8 +289,6 @@ def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflo
 
 def test_final_model_is_scored_on_wikitext_and_recorded(lab, monkeypatch):
     from mlflow.tracking import MlflowClient
-
-    from tests.conftest import SHARED_DATA
 
     monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
     cfg = cfg_for(lab, "name=wiki", "eval.wikitext=[hf-strided-64]",
