@@ -227,6 +227,8 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
             _finish_artifacts(cfg, run_dir, tracker)
             tracker.end(getattr(exc, "run_status", "FAILED"))
         raise
+    finally:
+        accelerator.free_memory()  # the accelerator is process-wide: drop this run's model (a sweep runs many)
 
     if is_main:
         final = run_dir / "final"

