@@ -720,11 +720,7 @@ def compare(opts: CompareOptions, log: Any = print) -> Comparison:
     """Read the runs, build every row, write compare.md / compare.csv / perplexity.png and log them."""
     from sparknet import tracking
 
-    # As tracking.resolve_uri decides, but without creating a lab folder for a store that is not there.
-    if opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or opts.lab.is_dir():
-        uri = tracking.resolve_uri(opts.tracking_uri, opts.lab)
-    else:
-        uri = f"sqlite:///{(opts.lab / 'mlflow.db').resolve()}"
+    uri = tracking.resolve_uri(opts.tracking_uri, opts.lab)
     tracking.check_store(uri)
     if opts.protocols:
         parse_protocols(opts.protocols)  # unknown names fail here, before any work

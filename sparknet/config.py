@@ -659,3 +659,8 @@ def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = f"{f.metadata.get('doc', '')} [{_type_name(tp)}]"
     return out
+
+
+def config_help() -> str:
+    """Every config key with its doc, one per line: what `--help-config` prints."""
+    return "\n".join(f"{key:<36} {doc}" for key, doc in field_docs().items())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparknet.config import RunConfig, field_docs, load_config
+from sparknet.config import RunConfig, config_help, load_config
 from sparknet.data import Loader, num_slots
 from sparknet.errors import SparknetError, cli_main
 from sparknet.mixture import Plan, build_plan, window_deviation
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
     args = ap.parse_args(argv)
     if args.help_config:
-        for key, doc in field_docs().items():
-            print(f"{key:<36} {doc}")
+        print(config_help())
         return 0
     if not args.mixture:
         raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.prepare mixtures/quickstart.yaml)")

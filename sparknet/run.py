@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparknet.config import RunConfig, field_docs, load_config, to_dict
+from sparknet.config import RunConfig, config_help, load_config, to_dict
 from sparknet.errors import SparknetError, cli_main
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
@@ -332,8 +332,10 @@ def dry_run(cfg: RunConfig) -> str:
     est = ", ".join(f"{gpu} {total / (peak * 0.4) / 3600:.1f} h" for gpu, peak in
                     [("H100", PEAK_FLOPS["H100"]), ("A100", PEAK_FLOPS["A100"]), ("GB10", PEAK_FLOPS["GB10"])])
     lines.append(f"compute {total:.3g} FLOPs; at 40% MFU: {est}")
-    lines.append(f"tracking: {'off' if not cfg.tracking.enabled else cfg.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or f'sqlite:///{cfg.lab_path}/mlflow.db'}"
-                 f", experiment {cfg.tracking.experiment or cfg.name}")
+    from sparknet.tracking import resolve_uri
+
+    uri = resolve_uri(cfg.tracking.uri, cfg.lab_path) if cfg.tracking.enabled else "off"
+    lines.append(f"tracking: {uri}, experiment {cfg.tracking.experiment or cfg.name}")
     return "\n".join(lines)
 
 
@@ -348,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
     args = ap.parse_args(argv)
     if args.help_config:
-        for key, doc in field_docs().items():
-            print(f"{key:<36} {doc}")
+        print(config_help())
         return 0
     if not args.mixture:
         raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.run mixtures/quickstart.yaml)")

@@ -392,14 +392,21 @@ def create_or_load(sweep: Sweep, storage, lab: Path):
     return study
 
 
-def _start_parent(sweep: Sweep, lab: Path) -> str | None:
+def _parent_tracker(sweep: Sweep, lab: Path):
+    """The tracker of the sweep's MLflow parent run (None when the mixture turns tracking off)."""
     from sparknet.tracking import open_tracker
 
     cfg = _config_for(sweep.mixture, sweep.base_overrides, {})
     if not cfg.tracking.enabled:
         return None
-    tracker = open_tracker(True, cfg.tracking.uri, sweep.study_name, lab, _sweep_dir(lab, sweep.study_name),
-                           timeout_s=cfg.tracking.timeout_s)
+    return open_tracker(True, cfg.tracking.uri, sweep.study_name, lab, _sweep_dir(lab, sweep.study_name),
+                        timeout_s=cfg.tracking.timeout_s)
+
+
+def _start_parent(sweep: Sweep, lab: Path) -> str | None:
+    tracker = _parent_tracker(sweep, lab)
+    if tracker is None:
+        return None
     params = {"study": sweep.study_name, "storage": redact(sweep.storage_url), "trials": str(sweep.n_trials),
               "proxy_tokens": str(sweep.proxy_tokens), "space": str(sweep.space.path),
               "space.params": ",".join(d.key for d in sweep.space.dims), "mixture": str(sweep.mixture),
@@ -557,14 +564,10 @@ def _plots(study, out_dir: Path) -> list[Path]:
 
 
 def _close_parent(sweep: Sweep, study, lab: Path, out_dir: Path, plots: list[Path], best, baseline) -> None:
-    from sparknet.tracking import open_tracker
-
     run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if not run_id:
+    tracker = _parent_tracker(sweep, lab) if run_id else None
+    if tracker is None:
         return
-    cfg = _config_for(sweep.mixture, sweep.base_overrides, {})
-    tracker = open_tracker(True, cfg.tracking.uri, sweep.study_name, lab, _sweep_dir(lab, sweep.study_name),
-                           timeout_s=cfg.tracking.timeout_s)
     tracker.start({}, {}, run_name="", resume_run_id=run_id)
     c = _counts(study)
     tracker.log_metrics({"best_val_loss": best.value, "trials_complete": c["COMPLETE"],

@@ -32,8 +32,7 @@ def resolve_uri(uri: str, lab: Path) -> str:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    lab.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(lab / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(lab / 'mlflow.db').resolve()}"  # created (with its folder) by the first Tracker
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -93,14 +92,9 @@ class Tracker(NullTracker):
         super().__init__(run_dir)
         self.run_dir = Path(run_dir)
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
-        if uri.startswith("http"):
-            # A dead server must cost seconds, not MLflow's default of minutes of retries per call.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
+        if uri.startswith("sqlite:///"):  # a new embedded store: SQLite creates the file, not its folder
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = _reader(uri, timeout_s)
         self.artifact_root = artifact_root
         self.backlog: list = []  # mlflow Metric entities not yet sent
         self.offline_since: float | None = None
@@ -261,7 +255,8 @@ class RunRecord:
 
 
 def _reader(uri: str, timeout_s: float):
-    """An MlflowClient whose HTTP calls give up after seconds, as the training tracker's do."""
+    """An MlflowClient whose HTTP calls give up after seconds: a dead server must cost seconds, not
+    MLflow's default of minutes of retries per call. The training tracker's client is one of these."""
     if uri.startswith("http"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
