@@ -19,33 +19,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparknet, and tests/tinylab.py: the tests' tiny real-text lab
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MIXTURE = """
-mixture:
-  total_tokens: 1M
-  val_tokens: 4096
-  sources:
-    - {{name: edu, kind: local, path: {edu}, weight: 0.6, max_repeats: 20}}
-    - {{name: textbooks, kind: local, path: {books}, weight: 0.4, max_repeats: 20}}
-tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 400000}}
-model: {{preset: cpu-tiny, n_positions: 64}}
-train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 1, lr: 3e-3, min_lr: 3e-4, checkpoint_minutes: 0}}
-eval: {{val_tokens: 2048, sample_tokens: 4, sample_prompts: ["The"], wikitext: []}}
-prepare: {{workers: 1}}
-"""
+from tinylab import BOOKS, DROP, EDU, SHARED_DATA, write_tiny_mixture  # noqa: E402
+
+# The tests' tiny recipe (8 sequences a step, as in tests/test_sweep.py) with a 1M-token full budget and sources
+# that may repeat 20 times, in the default shard size.
+MIXTURE = dict(max_repeats=20, mixture={"total_tokens": "1M"}, prepare={"shard_tokens": DROP})
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--proxy-tokens", default="16384")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     args = ap.parse_args()
     data = Path(args.data)
-    edu, books = data / "web_edu" / "fineweb_edu_sample.jsonl", data / "academic" / "openstax_textbooks.jsonl"
-    if not edu.exists() or not books.exists():
+    if not (data / EDU).exists() or not (data / BOOKS).exists():
         print(f"error: real text not found under {data} (fix: --data DIR holding web_edu/ and academic/)")
         return 2
     import optuna
@@ -54,7 +45,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="sparknet-bench-sweep-") as tmp:
         lab = Path(tmp)
-        (lab / "tiny.yaml").write_text(MIXTURE.format(edu=edu, books=books))
+        write_tiny_mixture(lab, data, **MIXTURE)
         os.chdir(lab)
         # Warm the token store and the BPE once, as an overnight sweep's first trial would.
         from sparknet.config import load_config

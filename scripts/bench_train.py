@@ -454,6 +454,8 @@ def run_bare(setup: Setup, tmp: Path, repeat: int, threads: int, hf: bool = Fals
     else:
         model = initial_model(setup).to(setup.device).train()
         optimizer = build_optimizer(model, t, setup.device)
+    if setup.compile and not hf:  # as sparknet.train does: compiled, the loss is the plain chain Inductor fuses
+        model.fused_loss = False
     fwd = torch.compile(model) if setup.compile else model
     batches = [[(torch.from_numpy(x).to(setup.device), torch.from_numpy(y).to(setup.device)) for x, y in step]
                for step in setup.batches]

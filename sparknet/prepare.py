@@ -42,6 +42,7 @@ class SourceReport:
     repeat_factor: float
     max_repeats: float
     store: str
+    source_commit: str | None = None  # the hub dataset commit the store was read at
 
     @property
     def ok(self) -> bool:
@@ -162,7 +163,7 @@ def prepare(cfg: RunConfig, *, workers: int | None = None, progress: bool = True
             tokens_available=st.train_tokens, val_tokens=st.val_tokens,
             documents=int(st.manifest["documents"]),
             repeat_factor=float(seq_per_source[i] / slots) if slots else (np.inf if seq_per_source[i] else 0.0),
-            max_repeats=src.max_repeats, store=str(st.dir)))
+            max_repeats=src.max_repeats, store=str(st.dir), source_commit=st.manifest.get("source_commit")))
     prepared = Prepared(cfg, plan, tok, stores, reports, window_deviation(plan), time.time() - t0, written)
     if write_report:
         out = lab / "prepared" / f"{cfg.name}.json"
@@ -184,6 +185,7 @@ def format_report(p: Prepared) -> str:
                      f"{s.max_repeats:>5g}  {status}")
     total_req = sum(s.tokens_required for s in p.sources)
     lines.append(f"{'total':<14} {'':>9} {p.plan.num_sequences:>10,} {total_req:>13,}")
+    lines += [f"{s.name}: read at hub commit {s.source_commit}" for s in p.sources if s.source_commit]
     lines.append(f"every {p.plan.window_size:,}-sequence window holds each source's share to within "
                  f"{p.window_deviation:.3f} sequences; wrote {p.tokens_written:,} tokens in {p.seconds:.1f} s")
     return "\n".join(lines)

@@ -71,6 +71,8 @@ def run_tags(cfg: RunConfig, prepared, device_name: str, world: int) -> dict[str
     for name, st in prepared.stores.items():
         blob = json.dumps(st.manifest, sort_keys=True).encode()
         tags[f"sparknet.data.{name}"] = f"{st.dir.name} manifest:{hashlib.sha256(blob).hexdigest()[:16]}"
+        if st.manifest.get("source_commit"):
+            tags[f"sparknet.data.{name}.commit"] = st.manifest["source_commit"]
     return tags
 
 

@@ -3,7 +3,9 @@
 `iter_documents(src, start)` yields the raw items of a source from position `start` on. An item that
 holds no text is yielded as "" so that positions stay stable: the token store records how many items
 it consumed and resumes exactly there. `source_identity(src)` is what makes two sources "the same" for
-the content-addressed store (it ignores the weight and the name).
+the content-addressed store (it ignores the weight and the name). `resolve_hf_commit(src)` is the commit a
+hub dataset's `revision` points at now; the store records it and passes it back as `revision=` so that
+it is only ever extended from the commit it was created from.
 
 Kinds:
 - hf:     a Hugging Face dataset (hub id with `revision`, or a local dataset folder), streamed.
@@ -38,10 +40,14 @@ LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".md", ".m
 BLOG_SUFFIXES = (".md", ".markdown", ".html", ".htm", ".txt")
 
 
-def iter_documents(src: SourceConfig, start: int = 0) -> Iterator[str]:
-    """Documents of `src` from item `start` on ("" for items without text)."""
+def iter_documents(src: SourceConfig, start: int = 0, *, revision: str | None = None) -> Iterator[str]:
+    """Documents of `src` from item `start` on ("" for items without text).
+
+    `revision` (hf hub datasets only) reads that revision instead of `src.revision`: the token store
+    passes the commit it was created from, so an extension never reads a newer version.
+    """
     if src.kind == "hf":
-        yield from _iter_hf(src, start)
+        yield from _iter_hf(src, start, revision)
     elif src.kind == "local":
         yield from _skip(_iter_local(src), start)
     elif src.kind == "blog":
@@ -90,13 +96,39 @@ def _file_stats(files: list[str]) -> list[list]:
 # --------------------------------------------------------------------------------- Hugging Face
 
 
-def _iter_hf(src: SourceConfig, start: int) -> Iterator[str]:
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+HUB_TIMEOUT_S = 10.0
+
+
+def resolve_hf_commit(src: SourceConfig) -> str | None:
+    """The commit sha that `src.revision` of a hub dataset points at now; None where there is none.
+
+    None for local folders and other kinds, and when the hub cannot answer (offline, no network, no
+    access): the caller then reads at `src.revision` as configured, and reading reports the real
+    problem with a fix. Never raises for those, and waits at most ~HUB_TIMEOUT_S.
+    """
+    if src.kind != "hf" or Path(src.path).exists():
+        return None
+    if src.revision and _COMMIT_SHA.fullmatch(src.revision):
+        return src.revision  # already pinned: nothing to ask the hub
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(src.path, revision=src.revision, timeout=HUB_TIMEOUT_S).sha
+    except Exception:  # offline mode, network, auth, unknown id or revision: all "cannot resolve"
+        return None
+    return sha if isinstance(sha, str) and _COMMIT_SHA.fullmatch(sha) else None
+
+
+def _iter_hf(src: SourceConfig, start: int, revision: str | None = None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - a declared dependency
         raise SparknetError("source kind 'hf' needs the `datasets` package (pip install datasets)") from None
-    where = f"source {src.name!r} (hf {src.path!r}, split {src.split!r}, revision {src.revision!r})"
     local = Path(src.path)
+    pinned = revision is not None and revision != src.revision and not local.exists()
+    where = (f"source {src.name!r} (hf {src.path!r}, split {src.split!r}, revision {src.revision!r}"
+             + (f" at commit {revision} recorded by its token store)" if pinned else ")"))
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(local))  # a `save_to_disk` folder
@@ -109,7 +141,7 @@ def _iter_hf(src: SourceConfig, start: int) -> Iterator[str]:
                 ds = ds.to_iterable_dataset()
         else:
             ds = datasets.load_dataset(src.path, name=src.subset, split=src.split,
-                                       revision=None if local.exists() else src.revision,
+                                       revision=None if local.exists() else revision or src.revision,
                                        streaming=src.streaming)
         if start:
             # Dataset.skip(len(ds)) raises IndexError: resuming an exhausted source must yield nothing.
@@ -137,6 +169,9 @@ def _iter_hf(src: SourceConfig, start: int) -> Iterator[str]:
         elif offline:
             hint = ("the hub is offline (HF_HUB_OFFLINE=1): download it once online, or point `path` at a "
                     "local copy / use kind: local")
+        elif pinned:  # e.g. a force-push removed the commit: the store cannot be extended from it
+            hint = (f"check your network and HF_TOKEN; if the hub no longer has commit {revision}, delete "
+                    f"this source's folder under <lab>/tokens/ to rebuild it from revision {src.revision!r}")
         else:
             hint = "check the dataset id, revision and split, your network and HF_TOKEN, or use kind: local"
         raise SparknetError(f"{where}: cannot read the dataset: {type(exc).__name__}: {msg} (fix: {hint})") from None

@@ -3,14 +3,16 @@
 Layout (under `<lab>/tokens/<kind>-<key>/`, key = sha256 of the source's identity, the tokenizer's
 fingerprint, the validation size and the shard size):
 
-    manifest.json     source identity, tokenizer, counts, per-file sha256, how many items consumed
+    manifest.json     source identity, tokenizer, counts, per-file sha256, how many items consumed,
+                      and for a hub dataset the commit it was read at (`source_commit`)
     val.bin           the first documents of the source, >= val_tokens tokens: never trained on
     train-00000.bin   the following documents, EOT after each, ~shard_tokens tokens per file
 
 Every file is written to a temporary name, fsynced and renamed, and only then entered in the manifest
 (itself replaced atomically). A run killed at any point leaves a valid store; the next run skips the
 items already consumed and rewrites any shard that was not yet recorded, byte for byte the same.
-The store holds only what the budget needs, and is extended when a later budget needs more.
+The store holds only what the budget needs, and is extended when a later budget needs more: from the
+same dataset commit it was created from, so it never mixes two versions of a moving hub dataset.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
-from sparknet.sources import iter_documents, source_identity
+from sparknet.sources import iter_documents, resolve_hf_commit, source_identity
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec
 
 FORMAT_VERSION = 1
@@ -221,6 +223,9 @@ def _fresh_manifest(src: SourceConfig, tok: Tokenizer, key: str, val_target: int
         "key": key,
         "name": src.name,
         "source": source_identity(src),
+        # Resolved once, here: `revision` may be a branch that moves; extensions read this commit.
+        # None (offline, not a hub dataset): read at the configured revision, as before.
+        "source_commit": resolve_hf_commit(src),
         "tokenizer": {"spec": [tok.spec.kind, tok.spec.name, tok.spec.revision],
                       "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "dtype": _dtype_for(tok.vocab_size).name,
@@ -289,7 +294,8 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
 
         if manifest["val"] is None and val_tokens == 0:
             flush("val")  # no held-out slice asked for: an empty one
-        docs = iter_documents(src, start=manifest["items_consumed"])
+        # .get: stores made before commits were recorded have no such key; they extend as they always did.
+        docs = iter_documents(src, start=manifest["items_consumed"], revision=manifest.get("source_commit"))
         done = False
         for flat, lengths in _tokenized_stream(tok.spec, _batched(docs, batch_documents), workers):
             offsets = np.concatenate([[0], np.cumsum(lengths)])

@@ -4,8 +4,9 @@
 
 What it does per optimizer step: set the LR from the schedule (a pure function of the step), run
 `grad_accum_steps` micro-batches (gradients synchronized across processes only on the last one), clip,
-step AdamW, all-reduce the step's loss statistics, stop on divergence, then log / evaluate /
-checkpoint when due. Everything a resumed run needs is the plan position (the step): batches and
+step AdamW, all-reduce the step's loss statistics, stop if the previous step diverged (its loss is read
+once this step is queued, so the GPU is never idle for the check), then log / evaluate / checkpoint
+when due (each first checks the pending loss: no checkpoint ever holds an unchecked step). Everything a resumed run needs is the plan position (the step): batches and
 LR are functions of it, the rest (weights, AdamW moments, RNG) is in the checkpoint.
 
 The loss of a step is the mean NLL over the step's predicted tokens across all processes and
@@ -271,11 +272,16 @@ def _batches(loader: Loader, start_step: int, rank: int, device: torch.device):
         stop.set()
 
 
-def _maybe_compile(model, mode: str, device: torch.device, example: tuple[torch.Tensor, torch.Tensor], autocast):
+def _maybe_compile(model, gpt: GPT, mode: str, device: torch.device, example: tuple[torch.Tensor, torch.Tensor],
+                   autocast):
     """torch.compile when asked (auto: on CUDA), with a warm-up step so that a compiler failure (as on
-    the DGX Spark's GB10 without a CUDA 13 ptxas) falls back to eager here, not mid-run."""
+    the DGX Spark's GB10 without a CUDA 13 ptxas) falls back to eager here, not mid-run. `model` is what
+    runs (maybe DDP-wrapped), `gpt` the module inside it."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model, False
+    # Compiled, the loss is logits -> F.cross_entropy, which Inductor fuses itself; the hand-fused
+    # linear_cross_entropy (an autograd.Function with in-place chunks) is the eager path.
+    gpt.fused_loss = False
     compiled = torch.compile(model)
     try:
         with autocast():
@@ -287,6 +293,7 @@ def _maybe_compile(model, mode: str, device: torch.device, example: tuple[torch.
         print(f"warning: torch.compile failed ({type(exc).__name__}: {first}); training in eager mode "
               f"(on a DGX Spark set TRITON_PTXAS_PATH to CUDA 13's ptxas)", file=sys.stderr, flush=True)
         torch._dynamo.reset()
+        gpt.fused_loss = True
         model.zero_grad(set_to_none=True)
         return model, False
 
@@ -341,7 +348,7 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     autocast = accelerator.autocast
     example = (torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device),
                torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device))
-    fwd, compiled = _maybe_compile(model_ddp, t.compile, device, example, autocast) if state["step"] < num_steps \
+    fwd, compiled = _maybe_compile(model_ddp, model, t.compile, device, example, autocast) if state["step"] < num_steps \
         else (model_ddp, False)
     hf_tok = prepared.tokenizer.to_hf() if is_main else None
     flops_per_token = model.shape.flops_per_token(t.seq_len)
@@ -352,7 +359,9 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
               f"{world} x {device.type}{' (compiled)' if compiled else ''}", flush=True)
 
     step, tokens = state["step"], state["tokens"]
-    per_source_tokens = np.array(state["tokens_per_source"], dtype=np.int64)
+    # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
+    # beyond any budget); read back only when logging, checkpointing and at the end.
+    per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=device)
     recent = deque(state["recent_losses"], maxlen=50)
     seconds_before = state["seconds"]
     session_start = time.time()
@@ -361,7 +370,11 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     # Interval statistics on the device: [loss_sum, tokens, per-source loss sums..., per-source tokens...].
     interval = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
     interval_start, interval_tokens, grad_norm = time.time(), 0, torch.zeros((), device=device)
-    last = {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": None}
+    # What the last logging interval measured; restored on resume so a finished run reports it again.
+    last = state.get("last") or {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": None}
+    # The previous step's loss, still on the device: (step, tokens before it, loss tensor). It is read
+    # (one host sync) only after the next step has been queued, so the GPU never waits for the guard.
+    pending: tuple[int, int, torch.Tensor] | None = None
     val_losses: dict[str, float] = {}
     samples: list[str] = []
     bar = None
@@ -369,6 +382,22 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
         from tqdm import tqdm
         bar = tqdm(total=prepared.plan.total_tokens, initial=tokens, unit="tok", unit_scale=True,
                    dynamic_ncols=True, desc=cfg.name[:20], file=sys.stderr)
+
+    def source_tokens() -> list[int]:
+        return [round(v) for v in per_source_tokens.tolist()]
+
+    def check_loss(checked_step: int, tokens_before: int, loss: torch.Tensor) -> None:
+        """Divergence guard: a non-finite loss, or one far above its recent average, ends the run. No
+        checkpoint is written before this check has passed, so the last one is the last good state."""
+        step_loss = float(loss)
+        if not math.isfinite(step_loss) or (len(recent) >= 10 and step_loss > t.diverge_factor * np.mean(recent)):
+            why = "is not finite" if not math.isfinite(step_loss) else \
+                f"is {step_loss / np.mean(recent):.1f}x its recent average {np.mean(recent):.3f}"
+            good = list_checkpoints(ckpt_root)
+            raise Diverged(f"diverged at step {checked_step} ({tokens_before:,} tokens): loss {step_loss:.4g} {why}; "
+                           f"last good checkpoint: {good[-1] if good else 'none yet'} (fix: lower train.lr, raise "
+                           f"train.warmup_fraction or lower train.grad_clip)")
+        recent.append(step_loss)
 
     def evaluate_now() -> None:
         nonlocal paused, val_losses, samples
@@ -394,8 +423,9 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
         t0 = time.time()
         path = None
         if is_main:
-            snapshot = dict(state, step=step, tokens=tokens, tokens_per_source=per_source_tokens.tolist(),
-                            seconds=seconds_before + (time.time() - session_start), recent_losses=list(recent))
+            snapshot = dict(state, step=step, tokens=tokens, tokens_per_source=source_tokens(),
+                            seconds=seconds_before + (time.time() - session_start), recent_losses=list(recent),
+                            last=last)
             path = save_checkpoint(ckpt_root, model, optimizer, snapshot, hf_tok, t.keep_checkpoints)
         accelerator.wait_for_everyone()
         paused += time.time() - t0
@@ -434,29 +464,27 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = accelerator.reduce(stats, reduction="sum")
-        step_loss = float(stats[0] / stats[1])  # one host sync per step: the divergence guard needs it
-
-        # Divergence guard: a non-finite loss, or one far above its recent average, ends the run; the
-        # last checkpoint (written before this step) is the last good state and is kept.
-        if not math.isfinite(step_loss) or (len(recent) >= 10 and step_loss > t.diverge_factor * np.mean(recent)):
-            why = "is not finite" if not math.isfinite(step_loss) else \
-                f"is {step_loss / np.mean(recent):.1f}x its recent average {np.mean(recent):.3f}"
-            good = list_checkpoints(ckpt_root)
-            raise Diverged(f"diverged at step {step} ({tokens:,} tokens): loss {step_loss:.4g} {why}; last good "
-                           f"checkpoint: {good[-1] if good else 'none yet'} (fix: lower train.lr, raise "
-                           f"train.warmup_fraction or lower train.grad_clip)")
-        recent.append(step_loss)
-
+        interval += stats
+        per_source_tokens += stats[2 + num_sources:]
+        interval_tokens += n_step_tokens
+        if pending is not None:  # this step is queued: now the previous one's loss can be read
+            check_loss(*pending)
+        pending = (step, tokens, stats[0] / stats[1])
         step += 1
         tokens += n_step_tokens
-        counted = stats[2 + num_sources:].round().long().cpu().numpy()
-        per_source_tokens += counted
-        interval += stats
-        interval_tokens += n_step_tokens
         if bar is not None:
             bar.update(n_step_tokens)
 
-        if step % t.log_every_steps == 0 or step == num_steps:
+        log_due = step % t.log_every_steps == 0 or step == num_steps
+        eval_due = tokens >= state["next_eval_tokens"] and step < num_steps
+        due_time = t.checkpoint_minutes and time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
+        due_tokens = t.checkpoint_every_tokens and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
+        ckpt_due = bool(due_time or due_tokens) and step < num_steps
+        if pending is not None and (log_due or eval_due or ckpt_due or step == num_steps):
+            check_loss(*pending)
+            pending = None
+
+        if log_due:
             iv = interval.cpu().numpy()
             elapsed = time.time() - interval_start - paused
             last["loss"] = float(iv[0] / iv[1])
@@ -476,12 +504,10 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
             interval.zero_()
             interval_start, interval_tokens, paused = time.time(), 0, 0.0
 
-        if tokens >= state["next_eval_tokens"] and step < num_steps:
+        if eval_due:
             state["next_eval_tokens"] = (tokens // cfg.eval.every_tokens + 1) * cfg.eval.every_tokens
             evaluate_now()
-        due_time = t.checkpoint_minutes and time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
-        due_tokens = t.checkpoint_every_tokens and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
-        if (due_time or due_tokens) and step < num_steps:
+        if ckpt_due:
             checkpoint_now()
 
     if bar is not None:
@@ -491,16 +517,15 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     existing = list_checkpoints(ckpt_root)
     final_ckpt = existing[-1] if existing and existing[-1].name == f"step-{step:08d}" else checkpoint_now()
     seconds = seconds_before + (time.time() - session_start)
+    counted = dict(zip(names, source_tokens()))
     if is_main:
         # Counted from the batches actually trained on (labels that took a loss), not copied from the plan.
         expected = prepared.plan.tokens_per_source()
-        if per_source_tokens.tolist() != expected.tolist():
-            raise AssertionError(f"trained tokens per source {per_source_tokens.tolist()} differ from the plan "
+        if list(counted.values()) != expected.tolist():
+            raise AssertionError(f"trained tokens per source {list(counted.values())} differ from the plan "
                                  f"{expected.tolist()}")
-        tracker.log_metrics({f"tokens/{n}": int(v) for n, v in zip(names, per_source_tokens)} | {"tokens": tokens},
-                            step)
+        tracker.log_metrics({f"tokens/{n}": v for n, v in counted.items()} | {"tokens": tokens}, step)
     return TrainResult(
-        status="finished", steps=step, tokens=tokens,
-        tokens_per_source={n: int(v) for n, v in zip(names, per_source_tokens)},
+        status="finished", steps=step, tokens=tokens, tokens_per_source=counted,
         train_loss=last["loss"], val_loss=val_losses, seconds=seconds, tokens_per_s=last["tokens_per_s"],
         mfu=last["mfu"], checkpoint=str(final_ckpt or ""), samples=samples)

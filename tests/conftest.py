@@ -7,20 +7,46 @@ from pathlib import Path
 
 import pytest
 
+# tests/ is on sys.path (pytest's default import mode, no __init__.py here): the tiny lab is one plain module that
+# scripts/bench_sweep.py shares; the test modules use it through the fixtures below.
+from tinylab import ROOT, SHARED_DATA, write_tiny_mixture
+
 # Never let a test wait ~25 s on the unreachable hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# For the subprocesses tests start (sparknet.run, sparknet.sweep, torchrun, mlflow server, PostgreSQL): offline, one
+# thread each, this checkout's sparknet first.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real text); tests that need it skip when it is absent."""
+    """../shared/data (real text); tests that need it skip when it is absent. Session-scoped, so that module
+    fixtures can use it too."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real text not available: {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_mixture(shared_data):
+    """write(folder, **overrides) -> folder/tiny.yaml: the tiny real-text recipe of tests/tinylab.py, with the
+    sections' keys that a test changes (`train={"grad_accum_steps": 2}`, `max_repeats=...`; see tinylab.tiny_mixture).
+    Skips where ../shared/data is absent."""
+
+    def write(folder: Path, **overrides) -> Path:
+        return write_tiny_mixture(folder, shared_data, **overrides)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """The environment for a subprocess a test starts (a copy: extend it with dict(subprocess_env, KEY=...))."""
+    return dict(ENV)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -26,26 +25,18 @@ from sparknet.compare import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # as conftest.SHARED_DATA; a module fixture cannot use `shared_data`
 PROTOCOLS = ("sparknet-blog", "hf-strided-64")
 
-# The tiny recipe of tests/test_train.py at a quarter of its budget: a 512-token BPE, a ~137k-parameter model with
-# a 64-token context, 16 steps. Two sources so that the per-source columns and the realized mixture show.
-MIXTURE = """
-mixture:
-  total_tokens: 16384
-  val_tokens: 2048
-  sources:
-    - {{name: edu, kind: local, path: {edu}, weight: 0.6, max_repeats: 4}}
-    - {{name: textbooks, kind: local, path: {books}, weight: 0.4, max_repeats: 4}}
-tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 200000}}
-model: {{preset: cpu-tiny, n_positions: 64}}
-train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 2, lr: 3e-3, min_lr: 3e-4,
-         warmup_fraction: 0.05, log_every_steps: 4, checkpoint_minutes: 0}}
-eval: {{every_tokens: 16384, val_tokens: 1024, sample_tokens: 4, sample_prompts: ["The"], wikitext: []}}
-prepare: {{workers: 1, shard_tokens: 65536}}
-tracking: {{experiment: cmp-tiny}}
-"""
+# The tiny recipe of tests/test_train.py (tests/tinylab.py) at an eighth of its budget: a 512-token BPE, a
+# ~137k-parameter model with a 64-token context, 16 steps. Two sources so that the per-source columns and the
+# realized mixture show.
+MIXTURE = dict(
+    mixture={"total_tokens": 16384, "val_tokens": 2048},
+    tokenizer={"train_bytes_per_source": 200000},
+    train={"grad_accum_steps": 2, "warmup_fraction": 0.05, "log_every_steps": 4},
+    eval={"every_tokens": 16384, "val_tokens": 1024},
+    tracking={"experiment": "cmp-tiny"},
+)
 
 
 @dataclass
@@ -59,7 +50,7 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Store:
+def template(tmp_path_factory, tiny_mixture, shared_data) -> Store:
     """Built once: the real runs, through `sparknet.run.execute` into a SQLite MLflow store."""
     import torch
 
@@ -68,17 +59,14 @@ def template(tmp_path_factory) -> Store:
     from sparknet.model import build_model, export_hf
     from sparknet.run import execute
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real text not available: {SHARED_DATA} is absent")
     torch.set_num_threads(1)
     lab = tmp_path_factory.mktemp("cmp") / "lab"
     lab.mkdir()
-    (lab / "tiny.yaml").write_text(MIXTURE.format(edu=SHARED_DATA / "web_edu" / "fineweb_edu_sample.jsonl",
-                                                  books=SHARED_DATA / "academic" / "openstax_textbooks.jsonl"))
+    tiny_mixture(lab, **MIXTURE)
     wikitext = lab.parent / "wikitext"
     wikitext.mkdir()
     for split, n in (("test", 80), ("validation", 120)):
-        rows = load_wikitext(split, SHARED_DATA / "wikitext-2-raw")[:n]
+        rows = load_wikitext(split, shared_data / "wikitext-2-raw")[:n]
         (wikitext / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
 
     def run(*overrides: str) -> str:
@@ -283,9 +271,8 @@ def test_a_missing_store_is_an_error_and_is_not_created(tmp_path, capsys):
     assert not (tmp_path / "nolab").exists()
 
 
-def test_module_entry_point_exits_2_with_one_line(template):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+def test_module_entry_point_exits_2_with_one_line(template, subprocess_env):
     done = subprocess.run([sys.executable, "-m", "sparknet.compare", "--lab", str(template.lab), "--experiment",
-                           "missing-exp"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "missing-exp"], env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: no MLflow experiment named 'missing-exp'")
     assert len(done.stderr.strip().splitlines()) == 1

@@ -67,3 +67,79 @@ def test_loss_is_per_token_and_ignores_masked_positions():
     assert torch.allclose(nll[0], ref, atol=1e-5)
     # The softmax is over the real vocabulary only: padded rows never take probability mass.
     assert logits.shape[-1] == 300 and model.wte.weight.shape[0] == 320
+
+
+def _reference_nll(h, weight, labels, vocab):
+    logits = torch.nn.functional.linear(h, weight)[:, :vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+
+
+def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy():
+    """Values and both gradients, under a non-uniform per-token weighting, with ignored rows, padded
+    vocabulary rows (which get zero gradient) and several chunks (the CPU chunk is 2**20 // vocab rows)."""
+    from sparknet.model import _chunk_rows, linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, padded, d = 500, 512, 24
+    n = 3 * _chunk_rows(vocab, torch.device("cpu")) + 17
+    h0 = torch.randn(n, d, generator=gen)
+    w0 = torch.randn(padded, d, generator=gen) * 0.5
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::5] = -100
+    weights = torch.rand(n, generator=gen)
+    out = []
+    for fn in (_reference_nll, linear_cross_entropy):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        nll = fn(h, w, labels, vocab)
+        (nll * weights).sum().backward()
+        out.append((nll.detach(), h.grad, w.grad))
+    (ref_nll, ref_gh, ref_gw), (nll, gh, gw) = out
+    assert nll.shape == (n,) and (nll[::5] == 0).all() and (nll[1::5] > 0).all()
+    assert torch.allclose(nll, ref_nll, atol=2e-5, rtol=1e-5)
+    assert torch.allclose(gh, ref_gh, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(gw, ref_gw, atol=1e-5, rtol=1e-4)
+    assert (gw[vocab:] == 0).all() and gw[:vocab].abs().sum() > 0
+    with torch.no_grad():  # evaluation: same values, no [n, vocab] buffer kept for a backward
+        assert torch.allclose(linear_cross_entropy(h0, w0, labels, vocab), ref_nll, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast():
+    """bf16 matmuls, fp32 softmax and fp32 NLL (like F.cross_entropy(logits.float())); gradients agree to
+    bf16 precision and come back in the parameters' fp32."""
+    from sparknet.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(1)
+    h0, w0 = torch.randn(300, 32, generator=gen), torch.randn(128, 32, generator=gen) * 0.3
+    labels = torch.randint(0, 100, (300,), generator=gen)
+    out = []
+    for fn in (_reference_nll, linear_cross_entropy):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(h, w, labels, 100)
+        nll.sum().backward()
+        out.append((nll.detach(), h.grad, w.grad))
+    (ref_nll, ref_gh, ref_gw), (nll, gh, gw) = out
+    assert nll.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    assert torch.allclose(nll, ref_nll, atol=1e-5)  # same bf16 logits, same fp32 softmax
+    assert (gh - ref_gh).abs().max() <= 0.02 * ref_gh.abs().max()
+    assert (gw - ref_gw).abs().max() <= 0.02 * ref_gw.abs().max()
+
+
+def test_model_training_step_is_the_same_with_the_fused_and_the_plain_loss():
+    """The trainer uses the fused loss eagerly and the plain chain under torch.compile: one SGD step of
+    each from the same weights lands on the same weights."""
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+    results = []
+    for fused in (True, False):
+        model = build_model(ModelConfig(preset="cpu-tiny"), 300, seed=0)
+        model.fused_loss = fused
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = model(ids, labels).sum() / (labels != -100).sum()
+        loss.backward()
+        opt.step()
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -20,6 +20,7 @@ from sparknet.sources import (
     list_files,
     markdown_to_text,
     module_docstrings,
+    resolve_hf_commit,
     source_identity,
     split_front_matter,
 )
@@ -344,6 +345,97 @@ def test_hf_identity_covers_local_files(saved_datasets):
     assert {Path(f[0]).name for f in ident["files"]} >= {"state.json", "data-00000-of-00001.arrow"}
     (single / "extra.txt").write_text("x", encoding="utf-8")
     assert source_identity(src) != ident
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records each dataset_info call and answers `answer`."""
+
+    calls: list[dict] = []
+    answer: object = None
+
+    def dataset_info(self, repo_id, *, revision=None, timeout=None):
+        FakeHfApi.calls.append({"repo_id": repo_id, "revision": revision, "timeout": timeout})
+        if isinstance(FakeHfApi.answer, Exception):
+            raise FakeHfApi.answer
+        return type("Info", (), {"sha": FakeHfApi.answer})()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> type[FakeHfApi]:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    return FakeHfApi
+
+
+def test_resolve_hf_commit_asks_the_hub_for_the_revision_with_a_timeout(fake_hub):
+    fake_hub.answer = SHA
+    assert resolve_hf_commit(source("org/data", kind="hf", revision="main")) == SHA
+    assert resolve_hf_commit(source("org/data", kind="hf", revision=None)) == SHA  # the default branch
+    assert [c["revision"] for c in fake_hub.calls] == ["main", None]
+    assert all(c["repo_id"] == "org/data" and 0 < c["timeout"] <= 10 for c in fake_hub.calls)
+
+
+def test_resolve_hf_commit_pinned_sha_local_folder_and_other_kinds_need_no_hub(fake_hub, saved_datasets,
+                                                                               write_jsonl):
+    assert resolve_hf_commit(source("org/data", kind="hf", revision=SHA)) == SHA
+    assert resolve_hf_commit(source(saved_datasets[0], kind="hf")) is None
+    assert resolve_hf_commit(source(write_jsonl("d.jsonl", ["x"]))) is None
+    assert fake_hub.calls == []
+
+
+@pytest.mark.parametrize("answer", [ConnectionError("Name or service not known"), TimeoutError("timed out"),
+                                    "not-a-sha", None])
+def test_resolve_hf_commit_unresolvable_is_none_not_an_error(fake_hub, answer):
+    fake_hub.answer = answer
+    assert resolve_hf_commit(source("org/data", kind="hf")) is None
+    assert len(fake_hub.calls) == 1
+
+
+def test_resolve_hf_commit_offline_is_none_at_once():
+    import huggingface_hub  # noqa: F401  (import time is not what this test measures)
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    t0 = time.perf_counter()
+    assert resolve_hf_commit(source("codelion/finepdfs-1B", kind="hf")) is None
+    assert time.perf_counter() - t0 < 5
+
+
+def test_hf_revision_override_is_what_load_dataset_reads(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, *, name=None, split=None, revision=None, streaming=False):
+        calls.append(revision)
+        return datasets.Dataset.from_dict({"text": ["a", "b", "c"]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    src = source("org/data", kind="hf", revision="main")
+    assert docs(src, start=1) == ["b", "c"]
+    assert list(iter_documents(src, start=1, revision=SHA)) == ["b", "c"]
+    assert calls == ["main", SHA]
+
+
+def test_hf_unreachable_pinned_commit_names_it_and_the_store_fix(monkeypatch):
+    import datasets
+
+    def load_dataset(path, **kw):
+        raise FileNotFoundError(f"Revision '{kw['revision']}' does not exist for dataset {path}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # only the hint reads it: nothing here touches the network
+    src = source("org/data", kind="hf", name="mine")
+    with pytest.raises(SparknetError) as exc:
+        list(iter_documents(src, revision=SHA))
+    msg = str(exc.value)
+    assert "\n" not in msg and "source 'mine'" in msg and "org/data" in msg
+    assert f"revision 'main' at commit {SHA} recorded by its token store" in msg
+    assert "fix" in msg and "<lab>/tokens/" in msg and "rebuild it from revision 'main'" in msg
 
 
 # --------------------------------------------------------------------------------- pydocs

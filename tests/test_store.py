@@ -173,3 +173,87 @@ def test_token_ids_that_do_not_fit_the_dtype_are_an_error_not_wrapped(tmp_path, 
     with pytest.raises(SparknetError, match="does not fit the store's uint8"):
         prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=100, val_tokens=10,
                        shard_tokens=1024)
+
+
+# ------------------------------------------------------------------------ hub datasets: one commit per store
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40  # the branch after it moved upstream
+HUB = {SHA_A: DOCS, SHA_B: [f"Rewritten document {i}." for i in range(400)]}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """An offline stand-in for a hub dataset whose "main" moves: returns the state and the revisions read.
+
+    `hub["head"]` is the commit "main" points at; the resolver and load_dataset both follow it.
+    """
+    import datasets
+
+    import sparknet.store as store
+
+    hub = {"head": SHA_A, "loaded": []}
+
+    def load_dataset(path, *, name=None, split=None, revision=None, streaming=False):
+        hub["loaded"].append(revision)
+        rows = HUB[hub["head"] if revision in (None, "main") else revision]
+        return datasets.Dataset.from_dict({"text": rows}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(store, "resolve_hf_commit", lambda src: hub["head"])
+    return hub
+
+
+def hub_source() -> SourceConfig:
+    return SourceConfig(name="hub", kind="hf", path="sparknet-test-org/no-such-local-folder", weight=1.0)
+
+
+def test_hub_store_is_extended_from_the_commit_it_was_created_from(tmp_path, fake_hub):
+    small = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=2000, val_tokens=100,
+                           shard_tokens=1024)
+    assert small.manifest["source_commit"] == SHA_A and fake_hub["loaded"] == [SHA_A]
+    assert json.loads((small.dir / "manifest.json").read_text())["source_commit"] == SHA_A
+    consumed = small.manifest["items_consumed"]
+    assert 0 < consumed < 400 and not small.manifest["exhausted"]
+
+    fake_hub["head"] = SHA_B  # "main" moved upstream: reading "main" now would mix two versions
+    big = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=4000, val_tokens=100,
+                         shard_tokens=1024)
+    assert big.dir == small.dir and fake_hub["loaded"] == [SHA_A, SHA_A]
+    assert json.loads((big.dir / "manifest.json").read_text())["source_commit"] == SHA_A
+    assert big.manifest["items_consumed"] > consumed and big.train_tokens >= 4000 and not big.manifest["exhausted"]
+    # the extension is the continuation of commit A: the same store as one built at once at A
+    fake_hub["head"] = SHA_A
+    ref = prepare_source(hub_source(), TOK, tmp_path / "ref", train_tokens_needed=4000, val_tokens=100,
+                         shard_tokens=1024)
+    assert big.train_tokens == ref.train_tokens and big.val_tokens == ref.val_tokens
+    assert np.array_equal(big.val().read(0, big.val_tokens), ref.val().read(0, ref.val_tokens))
+    assert np.array_equal(big.train().read(0, big.train_tokens), ref.train().read(0, ref.train_tokens))
+    n = big.val_tokens + big.train_tokens
+    assert np.array_equal(np.concatenate([big.val().read(0, big.val_tokens), big.train().read(0, big.train_tokens)]),
+                          stream_of(DOCS)[:n])
+    assert big.verify() == []
+
+
+def test_store_without_a_recorded_commit_still_opens_and_extends(tmp_path, fake_hub):
+    """A store made before commits were recorded (or offline) extends from the configured revision."""
+    small = prepare_source(hub_source(), TOK, tmp_path, train_tokens_needed=2000, val_tokens=0, shard_tokens=1024)
+    mpath = small.dir / "manifest.json"
+    old = json.loads(mpath.read_text())
+    del old["source_commit"]
+    mpath.write_text(json.dumps(old, indent=1))
+    assert "source_commit" not in open_store(small.dir).manifest
+
+    fake_hub["loaded"].clear()
+    big = prepare_source(hub_source(), TOK, tmp_path, train_tokens_needed=4000, val_tokens=0, shard_tokens=1024)
+    assert big.dir == small.dir and fake_hub["loaded"] == ["main"]  # as before: the configured revision
+    assert "source_commit" not in json.loads(mpath.read_text())  # nothing made up after the fact
+    assert big.train_tokens >= 4000
+    assert np.array_equal(big.train().read(0, big.train_tokens), stream_of(DOCS)[: big.train_tokens])
+    assert big.verify() == []
+
+
+def test_local_store_records_no_commit(tmp_path, write_jsonl):
+    st = prepare_source(local_source(write_jsonl("docs.jsonl", DOCS[:20])), TOK, tmp_path,
+                        train_tokens_needed=100, val_tokens=0, shard_tokens=1024)
+    assert st.manifest["source_commit"] is None

@@ -19,23 +19,6 @@ import pytest
 from sparknet.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real text; tests that need it skip when it is absent
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-
-MIXTURE = """
-mixture:
-  total_tokens: 131072
-  val_tokens: 4096
-  sources:
-    - {{name: edu, kind: local, path: {edu}, weight: 0.6, max_repeats: 4}}
-    - {{name: textbooks, kind: local, path: {books}, weight: 0.4, max_repeats: 4}}
-tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 400000}}
-model: {{preset: cpu-tiny, n_positions: 64}}
-train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 1, lr: 3e-3, min_lr: 3e-4, checkpoint_minutes: 0}}
-eval: {{val_tokens: 2048, sample_tokens: 4, sample_prompts: ["The"], wikitext: []}}
-prepare: {{workers: 1, shard_tokens: 65536}}
-"""
 
 SPACE = """
 eval_points: 4
@@ -48,12 +31,9 @@ pruner: {n_startup_trials: 2, n_warmup_steps: 1}
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real text not available: {SHARED_DATA} is absent")
+def lab(tmp_path_factory, tiny_mixture):
     d = tmp_path_factory.mktemp("sweeplab")
-    (d / "tiny.yaml").write_text(MIXTURE.format(edu=SHARED_DATA / "web_edu" / "fineweb_edu_sample.jsonl",
-                                                books=SHARED_DATA / "academic" / "openstax_textbooks.jsonl"))
+    tiny_mixture(d)  # the tiny real-text recipe of tests/tinylab.py as it is: 8 sequences a step
     (d / "space.yaml").write_text(SPACE)
     return d
 
@@ -121,11 +101,11 @@ def test_rerunning_a_finished_study_adds_no_trials(lab, monkeypatch):
     assert trial_states(f"sqlite:///{lab / 'optuna.db'}", "four") == before
 
 
-def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab):
+def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, subprocess_env):
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=3,
                                                                storage=url)]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 180
     killed = False
@@ -144,7 +124,7 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab):
     assert killed, "the worker finished before it could be killed mid-trial"
     assert trial_states(url, "killed").get("RUNNING") == 1
 
-    done = subprocess.run(cmd, env=ENV, cwd=lab, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=subprocess_env, cwd=lab, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     states = trial_states(url, "killed")
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 3
@@ -177,7 +157,7 @@ def _pg_binaries() -> bool:
 
 
 @pytest.fixture(scope="module")
-def postgres():
+def postgres(subprocess_env):
     """A real PostgreSQL server on 127.0.0.1 (lab/postgres.sh), for this module only."""
     if not _pg_binaries():
         pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs them: apt-get install postgresql)")
@@ -185,7 +165,7 @@ def postgres():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(ENV, PGDATA=data, PORT=str(port))
+    env = dict(subprocess_env, PGDATA=data, PORT=str(port))
     started = subprocess.run(["bash", str(ROOT / "lab" / "postgres.sh")], env=env, capture_output=True, text=True,
                              timeout=120)
     assert started.returncode == 0, started.stderr
@@ -194,13 +174,13 @@ def postgres():
     shutil.rmtree(data, ignore_errors=True)
 
 
-def test_two_workers_share_one_study_on_postgresql(lab, postgres):
+def test_two_workers_share_one_study_on_postgresql(lab, postgres, subprocess_env):
     import optuna
 
     url = postgres
     assert url.startswith("postgresql://") and "127.0.0.1" in url
     cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "pg", trials=5, storage=url)]
-    workers = [subprocess.Popen(cmd, env=ENV, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = [subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outs[0][-2000:] + outs[1][-2000:]

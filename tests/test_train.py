@@ -23,35 +23,17 @@ from sparknet.run import execute, main, run_dir_for
 from sparknet.train import Diverged, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real text; tests that need it skip when it is absent
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
-# Two real-text domains, a 512-token BPE and a ~130k-parameter model: ~100k tokens train in seconds.
-MIXTURE = """
-mixture:
-  total_tokens: 131072
-  val_tokens: 4096
-  sources:
-    - {{name: edu, kind: local, path: {edu}, weight: 0.6, max_repeats: 4}}
-    - {{name: textbooks, kind: local, path: {books}, weight: 0.4, max_repeats: 4}}
-tokenizer: {{name: bpe, vocab_size: 512, train_bytes_per_source: 400000}}
-model: {{preset: cpu-tiny, n_positions: 64}}
-train: {{seq_len: 64, micro_batch_size: 8, grad_accum_steps: 2, lr: 3e-3, min_lr: 3e-4,
-         warmup_fraction: 0.05, log_every_steps: 1, checkpoint_minutes: 0}}
-eval: {{every_tokens: 49152, val_tokens: 2048, sample_tokens: 8, sample_prompts: ["The", "In 1990"], wikitext: []}}
-prepare: {{workers: 1, shard_tokens: 65536}}
-"""
+# The tiny real-text recipe (tests/tinylab.py): two domains, a 512-token BPE and a ~130k-parameter model: ~100k
+# tokens train in seconds. Here 2 x 8 sequences a step, logged every step, evaluated every 49,152 tokens.
+TRAIN = {"grad_accum_steps": 2, "warmup_fraction": 0.05, "log_every_steps": 1}
+EVAL = {"every_tokens": 49152, "sample_tokens": 8, "sample_prompts": ["The", "In 1990"]}
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, request):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real text not available: {SHARED_DATA} is absent")
+def lab(tmp_path_factory, tiny_mixture):
     d = tmp_path_factory.mktemp("lab")
-    spec = d / "tiny.yaml"
-    spec.write_text(MIXTURE.format(edu=SHARED_DATA / "web_edu" / "fineweb_edu_sample.jsonl",
-                                   books=SHARED_DATA / "academic" / "openstax_textbooks.jsonl"))
+    tiny_mixture(d, train=TRAIN, eval=EVAL)
     return d
 
 
@@ -93,6 +75,27 @@ def test_rerunning_a_finished_run_does_nothing(finished, capsys):
     again = execute(cfg, progress=False)
     assert again.already_done and again.result == out.result
     assert "already finished" in capsys.readouterr().out
+
+
+def test_resuming_from_the_final_checkpoint_reports_the_runs_figures(finished, tmp_path):
+    """A run killed after its final checkpoint but before it recorded the result: training again from
+    that checkpoint trains nothing and reports the same loss, tokens/s and counts (not NaN and zeros)."""
+    import shutil
+
+    from sparknet.prepare import prepare
+    from sparknet.run import make_accelerator
+    from sparknet.train import train
+
+    cfg, out = finished
+    shutil.copytree(run_dir_for(cfg) / "checkpoints", tmp_path / "checkpoints")
+    again = train(cfg, prepare(cfg, progress=False, write_report=False), make_accelerator(cfg), tmp_path,
+                  progress=False)
+    ref = out.result
+    assert again.steps == ref["steps"] and again.tokens == ref["tokens"] == 131072
+    assert again.tokens_per_source == ref["tokens_per_source"]
+    assert math.isfinite(again.train_loss) and again.train_loss == ref["train_loss"]
+    assert again.tokens_per_s == ref["tokens_per_s"] > 0
+    assert again.val_loss == pytest.approx(ref["val_loss"], abs=1e-6)
 
 
 def test_checkpoint_round_trip_through_automodel(finished):
@@ -145,12 +148,12 @@ def test_mlflow_run_has_params_metrics_and_artifacts(finished):
     assert Path(cfg.lab_path / "mlartifacts").is_dir()  # artifacts next to the store, not ./mlruns
 
 
-def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(finished, lab):
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(finished, lab, subprocess_env):
     cfg, ref = finished
     cmd = [sys.executable, "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=killed",
            "train.checkpoint_every_tokens=4096", "train.keep_checkpoints=3", "--quiet"]
     killed_dir = run_dir_for(cfg_for(lab, "name=killed"))
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed_dir / "checkpoints").glob("step-*")):
         time.sleep(0.02)
@@ -162,7 +165,7 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(finished, lab):
     steps_at_kill = int(ckpts[-1].name.split("-")[1])
     assert steps_at_kill < ref.result["steps"]
 
-    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming from step-" in done.stdout
     res = json.loads((killed_dir / "result.json").read_text())
@@ -201,13 +204,13 @@ def test_divergence_guard_fires_on_a_loss_spike(lab):
         execute(cfg, progress=False, fault=lambda step, nll: nll * 10 if step == 12 else nll)
 
 
-def test_two_process_gloo_run_matches_one_process(finished, lab):
+def test_two_process_gloo_run_matches_one_process(finished, lab, subprocess_env):
     cfg, ref = finished
     # Same global batch: 2 processes x 4 sequences x 2 micro-batches = 1 x 8 x 2.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=ddp",
            "train.micro_batch_size=4", "--quiet"]
-    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = run_dir_for(cfg_for(lab, "name=ddp", "train.micro_batch_size=4"))
     res = json.loads((run_dir / "result.json").read_text())
@@ -229,12 +232,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, subprocess_env):
     """A real `mlflow server` on 127.0.0.1 with lean settings (one worker, no job runner)."""
     import urllib.request
 
     port = _free_port()
-    env = dict(ENV, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = dict(subprocess_env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
@@ -287,12 +290,12 @@ def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflo
     assert any("val/loss/edu" in r for r in rows) and math.isfinite(out.result["train_loss"])
 
 
-def test_final_model_is_scored_on_wikitext_and_recorded(lab, monkeypatch):
+def test_final_model_is_scored_on_wikitext_and_recorded(lab, shared_data, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
     cfg = cfg_for(lab, "name=wiki", "eval.wikitext=[hf-strided-64]",
-                  f"eval.wikitext_path={SHARED_DATA / 'wikitext-2-raw'}", "mixture.total_tokens=32768")
+                  f"eval.wikitext_path={shared_data / 'wikitext-2-raw'}", "mixture.total_tokens=32768")
     out = execute(cfg, progress=False)
     wiki = {r["protocol"]: r for r in out.result["wikitext"]}
     assert set(wiki) == {"hf-strided-64"} and not out.result["wikitext_skipped"]
