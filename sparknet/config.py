@@ -254,8 +254,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else the CPU.")
     compile: Literal["auto", "on", "off"] = _f("auto", "torch.compile the model (auto: on CUDA only; "
                                                "falls back to eager with a warning if compiling fails).")
-    checkpoint_minutes: float = _f(30.0, "Write a resumable checkpoint at least this often (0: only by "
-                                   "tokens and at the end).")
+    checkpoint_minutes: float = _f(30.0, "Write a resumable checkpoint this often, at the first logging "
+                                   "step after the time is up (0: only by tokens and at the end).")
     checkpoint_every_tokens: int = _f(0, "Also checkpoint every this many tokens (0: off).", tokens=True)
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (the newest ones).")
     log_every_steps: int = _f(10, "Log training metrics every this many optimizer steps.")

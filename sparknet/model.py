@@ -64,19 +64,20 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """nll[i] = logsumexp(z_i) - z_i[y_i] with z = h @ weight[:vocab].T, and its gradient, in one buffer.
+    """nll[i] = logsumexp(z_i[:vocab]) - z_i[y_i] with z = h @ weight.T, and its gradient, in one buffer.
 
-    The forward pass computes the logits chunk by chunk into one [N, vocab] buffer and turns each chunk,
-    in place, into d nll / d z = softmax(z) - onehot(y) while it is still in cache; the backward pass is
-    then just two matmuls with that buffer (scaled by the incoming per-token gradient, so any weighting
-    of the tokens is exact). Against logits -> F.cross_entropy this allocates one [N, vocab] tensor
-    instead of four or five (logits, their fp32 copy under bf16, log-softmax, its gradient, the padded
-    gradient of the slice) and makes about half the passes over them: the output layer with its
-    cross-entropy went from 373 to 244 ms on cpu-small (16 x 256 tokens, vocab 4,096, one CPU thread),
-    and at 24 x 1024 tokens with GPT-2's 50,257 the backward's peak is ~10 GB lower (from the tensor
-    sizes). Under autocast the matmuls run in the autocast dtype and the softmax in fp32, like
-    F.cross_entropy(logits.float()).
-    Rows whose label is -100 give 0 and no gradient.
+    The forward pass computes the logits chunk by chunk into one [N, rows of weight] buffer and turns each
+    chunk, in place, into d nll / d z = softmax(z) - onehot(y) while it is still in cache (0 in the
+    padding columns past `vocab`, which are never predicted); the backward pass is then just two matmuls
+    with that buffer (scaled by the incoming per-token gradient, so any weighting of the tokens is exact).
+    The matmuls run over the padded rows (50,304 for GPT-2: aligned, tensor-core-friendly shapes).
+    Against logits -> F.cross_entropy this allocates one [N, vocab] tensor instead of four or five
+    (logits, their fp32 copy under bf16, log-softmax, its gradient, the padded gradient of the slice) and
+    makes about half the passes over them: the output layer with its cross-entropy went from 373 to 244 ms
+    on cpu-small (16 x 256 tokens, vocab 4,096, one CPU thread), and at 24 x 1024 tokens with GPT-2's
+    50,257 the backward's peak is ~10 GB lower (from the tensor sizes). Under autocast the matmuls run in
+    the autocast dtype and the softmax in fp32, like F.cross_entropy(logits.float()).
+    Rows whose label is -100 give 0 and no gradient. First derivatives only (once_differentiable).
     """
 
     @staticmethod
@@ -84,12 +85,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         with torch.autocast(dev, enabled=False):
-            w = weight[:vocab].to(dtype)
+            w = weight.to(dtype)
             hc = h.to(dtype)
-            n = hc.shape[0]
-            rows = _chunk_rows(vocab, h.device)
+            n, width = hc.shape[0], w.shape[0]
+            rows = _chunk_rows(width, h.device)
             # With no backward to come (evaluation), one chunk-sized scratch buffer is enough.
-            buf = torch.empty(n if keep_grad else min(n, rows), vocab, dtype=dtype, device=h.device)
+            buf = torch.empty(n if keep_grad else min(n, rows), width, dtype=dtype, device=h.device)
             nll = torch.empty(n, dtype=torch.float32, device=h.device)
             valid = labels >= 0
             target = labels.clamp(min=0)
@@ -97,7 +98,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 end = min(n, start + rows)
                 z = buf[start:end] if keep_grad else buf[: end - start]
                 torch.mm(hc[start:end], w.t(), out=z)
-                p = z if dtype == torch.float32 else z.float()
+                real = z[:, :vocab]  # the softmax is over the tokenizer's vocabulary only
+                p = real if dtype == torch.float32 else real.float()
                 y = target[start:end, None]
                 z_y = p.gather(1, y).squeeze(1)
                 m = p.amax(1, keepdim=True)
@@ -110,29 +112,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     ok = valid[start:end, None]
                     p.div_(s.masked_fill_(~ok, float("inf")))
                     p.scatter_add_(1, y, -ok.to(p.dtype))
-                    if p is not z:
-                        z.copy_(p)
+                    if p is not real:
+                        real.copy_(p)
+                    z[:, vocab:].zero_()
             nll.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hc, weight, buf if keep_grad else None)
-        ctx.vocab, ctx.dtype, ctx.h_dtype = vocab, dtype, h.dtype
+        ctx.dtype, ctx.h_dtype = dtype, h.dtype
         return nll
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_nll):
         hc, weight, dz = ctx.saved_tensors
-        if dz is None:
-            raise RuntimeError("linear_cross_entropy was called without grad enabled; it has no backward")
-        vocab, dtype = ctx.vocab, ctx.dtype
+        dtype = ctx.dtype
         g = grad_nll.to(torch.float32)[:, None]
         with torch.autocast(hc.device.type, enabled=False):
-            grad_h = (torch.mm(dz, weight[:vocab].to(dtype)).float() * g).to(ctx.h_dtype)
-            grad_w = torch.zeros_like(weight)
-            grad_w[:vocab] = torch.mm(dz.t(), (hc.float() * g).to(dtype))
+            grad_h = (torch.mm(dz, weight.to(dtype)).float() * g).to(ctx.h_dtype)
+            grad_w = torch.mm(dz.t(), (hc.float() * g).to(dtype)).to(weight.dtype)  # padding rows: 0
         return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Per-row NLL [N] of `labels` [N] under logits h [N, d] @ weight[:vocab].T (see _LinearCrossEntropy)."""
+    """Per-row NLL [N] of `labels` [N] under the logits h [N, d] @ weight.T, softmax over their first `vocab`
+    columns (`weight` may have padding rows past `vocab`; see _LinearCrossEntropy)."""
     keep_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, labels, vocab, keep_grad)
 

@@ -477,9 +477,15 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
 
         log_due = step % t.log_every_steps == 0 or step == num_steps
         eval_due = tokens >= state["next_eval_tokens"] and step < num_steps
-        due_time = t.checkpoint_minutes and time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
-        due_tokens = t.checkpoint_every_tokens and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
-        ckpt_due = bool(due_time or due_tokens) and step < num_steps
+        ckpt_due = bool(t.checkpoint_every_tokens) and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
+        if t.checkpoint_minutes and log_due and not ckpt_due:
+            # Time is each process's own: decided at logging steps, by the main process for everyone, so
+            # that all processes enter the checkpoint's barrier together (disagreeing would deadlock DDP).
+            ckpt_due = time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
+            if world > 1:
+                flag = torch.tensor(float(ckpt_due and is_main), device=device)
+                ckpt_due = bool(accelerator.reduce(flag, reduction="sum") > 0)
+        ckpt_due = ckpt_due and step < num_steps
         if pending is not None and (log_due or eval_due or ckpt_due or step == num_steps):
             check_loss(*pending)
             pending = None

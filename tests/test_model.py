@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparknet.config import ModelConfig
@@ -101,6 +102,12 @@ def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy():
     assert (gw[vocab:] == 0).all() and gw[:vocab].abs().sum() > 0
     with torch.no_grad():  # evaluation: same values, no [n, vocab] buffer kept for a backward
         assert torch.allclose(linear_cross_entropy(h0, w0, labels, vocab), ref_nll, atol=2e-5, rtol=1e-5)
+    # First derivatives only: a second one raises instead of silently missing terms.
+    h = h0.clone().requires_grad_()
+    (gh,) = torch.autograd.grad(linear_cross_entropy(h, w0.clone().requires_grad_(), labels, vocab).sum(), h,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        gh.pow(2).sum().backward()
 
 
 def test_fused_linear_cross_entropy_under_bf16_autocast():

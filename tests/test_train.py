@@ -209,11 +209,16 @@ def test_two_process_gloo_run_matches_one_process(finished, lab, subprocess_env)
     # Same global batch: 2 processes x 4 sequences x 2 micro-batches = 1 x 8 x 2.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=ddp",
-           "train.micro_batch_size=4", "--quiet"]
+           "train.micro_batch_size=4", "train.checkpoint_minutes=1e-6", "--quiet"]
     done = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = run_dir_for(cfg_for(lab, "name=ddp", "train.micro_batch_size=4"))
+    run_dir = run_dir_for(cfg_for(lab, "name=ddp", "train.micro_batch_size=4", "train.checkpoint_minutes=1e-6"))
     res = json.loads((run_dir / "result.json").read_text())
+    # Time-based checkpoints (due at every logging step here) were decided by rank 0 for both processes:
+    # both entered each checkpoint's barrier together (a disagreement deadlocks), so the step before the
+    # end was checkpointed too (without them only the final checkpoint exists).
+    n = ref.result["steps"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [f"step-{n - 1:08d}", f"step-{n:08d}"]
     assert res["tokens"] == 131072 and res["tokens_per_source"] == ref.result["tokens_per_source"]
     assert res["steps"] == ref.result["steps"]
     from mlflow.tracking import MlflowClient
