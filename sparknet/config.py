@@ -664,3 +664,27 @@ def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
 def config_help() -> str:
     """Every config key with its doc, one per line: what `--help-config` prints."""
     return "\n".join(f"{key:<36} {doc}" for key, doc in field_docs().items())
+
+
+def mixture_cli(prog: str, description: str, override_example: str):
+    """The argument parser every `python -m sparknet.X MIXTURE.yaml [key=value ...]` command starts from:
+    the mixture, the overrides and --help-config. The command adds its own flags, then calls
+    `config_from_cli`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
+    ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {override_example}")
+    ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+    return ap
+
+
+def config_from_cli(ap, argv: list[str] | None):
+    """(args, config) from a `mixture_cli` parser; config is None when --help-config printed the keys."""
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return args, None
+    if not args.mixture:
+        raise SparknetError(f"missing MIXTURE.yaml (fix: {ap.prog} mixtures/quickstart.yaml)")
+    return args, load_config(args.mixture, args.overrides)

@@ -10,7 +10,6 @@ A second run with the same spec finds every store complete and does no tokenizin
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparknet.config import RunConfig, config_help, load_config
+from sparknet.config import RunConfig, config_from_cli, mixture_cli
 from sparknet.data import Loader, num_slots
 from sparknet.errors import SparknetError, cli_main
 from sparknet.mixture import Plan, build_plan, window_deviation
@@ -208,24 +207,17 @@ def check_budget(p: Prepared) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparknet.prepare", description=__doc__.split("\n")[0])
-    ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. mixture.total_tokens=50M")
+    ap = mixture_cli("python -m sparknet.prepare", __doc__.split("\n")[0], "mixture.total_tokens=50M")
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     ap.add_argument("--verify", action="store_true", help="re-check every shard's sha256")
     ap.add_argument("--audit", action="store_true",
                     help="walk every training batch and check realized tokens per source against the plan")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print(config_help())
+    args, cfg = config_from_cli(ap, argv)
+    if cfg is None:
         return 0
-    if not args.mixture:
-        raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.prepare mixtures/quickstart.yaml)")
     if args.workers is not None and args.workers < 1:
         raise SparknetError(f"--workers: must be >= 1, got {args.workers}")
-    cfg = load_config(args.mixture, args.overrides)
     prepared = prepare(cfg, workers=args.workers, progress=not args.quiet)
     print(format_report(prepared))
     if args.verify:

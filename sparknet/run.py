@@ -9,7 +9,6 @@ reads its own share of each step from the plan.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -22,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparknet.config import RunConfig, config_help, load_config, to_dict
+from sparknet.config import RunConfig, config_from_cli, mixture_cli, to_dict
 from sparknet.errors import SparknetError, cli_main
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
@@ -343,20 +342,13 @@ def dry_run(cfg: RunConfig) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparknet.run", description=__doc__.split("\n")[0])
-    ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
+    ap = mixture_cli("python -m sparknet.run", __doc__.split("\n")[0], "train.lr=3e-4")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, model and schedule; train nothing")
     ap.add_argument("--fresh", action="store_true", help="discard this run's checkpoints and start over")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or reports")
-    ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print(config_help())
+    args, cfg = config_from_cli(ap, argv)
+    if cfg is None:
         return 0
-    if not args.mixture:
-        raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.run mixtures/quickstart.yaml)")
-    cfg = load_config(args.mixture, args.overrides)
     if args.dry_run:
         print(dry_run(cfg))
         return 0
