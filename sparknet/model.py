@@ -56,11 +56,11 @@ class GPTShape:
         return 6.0 * n + 12.0 * self.n_layer * self.n_embd * seq_len
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
-    # CPU: ~4 MB of fp32 logits per chunk, so the softmax passes after the matmul run in cache.
-    # GPU: big chunks (a few kernel launches per micro-batch), bounded at ~1 GB of fp32 temporaries.
+def _chunk_rows(width: int, device: torch.device) -> int:
+    """Rows of [rows, width] logits per chunk. CPU: ~4 MB of fp32, so the softmax passes after the matmul
+    run in cache. GPU: big chunks (a few kernel launches per micro-batch), ~1 GB of fp32 temporaries."""
     budget = 2**20 if device.type == "cpu" else 2**28
-    return max(16, budget // vocab)
+    return max(16, budget // width)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -6,8 +6,9 @@ What it does per optimizer step: set the LR from the schedule (a pure function o
 `grad_accum_steps` micro-batches (gradients synchronized across processes only on the last one), clip,
 step AdamW, all-reduce the step's loss statistics, stop if the previous step diverged (its loss is read
 once this step is queued, so the GPU is never idle for the check), then log / evaluate / checkpoint
-when due (each first checks the pending loss: no checkpoint ever holds an unchecked step). Everything a resumed run needs is the plan position (the step): batches and
-LR are functions of it, the rest (weights, AdamW moments, RNG) is in the checkpoint.
+when due (each first checks the pending loss: no checkpoint ever holds an unchecked step). Everything
+a resumed run needs is the plan position (the step): batches and LR are functions of it, the rest
+(weights, AdamW moments, RNG) is in the checkpoint.
 
 The loss of a step is the mean NLL over the step's predicted tokens across all processes and
 micro-batches, so a 2-process run with half the micro-batch equals a 1-process run (tested).
@@ -486,7 +487,7 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
                 flag = torch.tensor(float(ckpt_due and is_main), device=device)
                 ckpt_due = bool(accelerator.reduce(flag, reduction="sum") > 0)
         ckpt_due = ckpt_due and step < num_steps
-        if pending is not None and (log_due or eval_due or ckpt_due or step == num_steps):
+        if log_due or eval_due or ckpt_due:  # (log_due includes the last step)
             check_loss(*pending)
             pending = None
 

@@ -82,7 +82,7 @@ def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy():
 
     gen = torch.Generator().manual_seed(0)
     vocab, padded, d = 500, 512, 24
-    n = 3 * _chunk_rows(vocab, torch.device("cpu")) + 17
+    n = 3 * _chunk_rows(padded, torch.device("cpu")) + 17
     h0 = torch.randn(n, d, generator=gen)
     w0 = torch.randn(padded, d, generator=gen) * 0.5
     labels = torch.randint(0, vocab, (n,), generator=gen)
