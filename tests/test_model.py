@@ -77,7 +77,7 @@ def _reference_nll(h, weight, labels, vocab):
 
 def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy():
     """Values and both gradients, under a non-uniform per-token weighting, with ignored rows, padded
-    vocabulary rows (which get zero gradient) and several chunks (the CPU chunk is 2**20 // vocab rows)."""
+    vocabulary rows (which get zero gradient) and several chunks (the CPU chunk is 2**20 // padded rows)."""
     from sparknet.model import _chunk_rows, linear_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
