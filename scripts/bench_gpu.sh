@@ -6,14 +6,18 @@
 #      tokens/s. The HF Trainer contender is skipped unless --with-hf.
 #   2. scripts/bench_eval.py --preset gpt2-70m --device cuda (WikiText-2 hf-strided evaluation; target <= 5 s
 #      per stride on an H100).
+#   3. the peak memory of a gpt2-70m training step at micro-batch 24 x 1024 (bf16, accumulation 2, AdamW), eager
+#      (the fused loss) and compiled: torch.cuda.max_memory_allocated beside sparknet.device.estimate_memory, the
+#      estimate that --dry-run prints and that an out-of-memory error and train.micro_batch_size=auto go by.
 #
 #   bash scripts/bench_gpu.sh [--data DIR] [--micro N] [--steps N] [--warmup N] [--out DIR] [--with-hf]
 #
 # --data: real text as in ../shared/data (web_edu/, academic/, web_general/ jsonl and wikitext-2-raw/);
 #         default ../shared/data relative to the repository. The machine needs no network if .venv
-#         already holds a CUDA build of torch (scripts/bootstrap.sh keeps it; without one it pip-installs
-#         `torch` from PyPI, which needs network access).
-# Results: <out>/train-compile-{off,on}.{log,json}, <out>/eval.{log,json}, and a summary at the end.
+#         already holds a CUDA build of torch that suits the GPU (scripts/bootstrap.sh keeps it; otherwise it
+#         installs one: PyPI's on x86_64, PyTorch's cu130 index on a DGX Spark, which needs network access).
+# Results: <out>/train-compile-{off,on}.{log,json}, <out>/eval.{log,json}, <out>/memory-{eager,compiled}.json,
+# and a summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +35,7 @@ while [ $# -gt 0 ]; do
     --warmup) WARMUP=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --with-hf) WITH_HF=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench_gpu: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,8 +55,8 @@ done
 bash scripts/bootstrap.sh   # .venv with sparknet; keeps a CUDA torch that is already installed
 PY=.venv/bin/python
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "bench_gpu: .venv's torch $("$PY" -c 'import torch; print(torch.__version__)') sees no GPU (fix:" \
-       ".venv/bin/pip install torch  # a CUDA build, then rerun)" >&2
+  echo "bench_gpu: .venv's torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)') sees no" \
+       "GPU (fix: a CUDA build of torch that suits the GPU: bash scripts/bootstrap.sh --plan says what it installs)" >&2
   exit 2
 fi
 mkdir -p "$OUT"
@@ -86,6 +90,17 @@ for compile in off on; do
   done
 done
 
+echo "== peak memory of a training step: gpt2-70m, micro-batch 24 x 1024, bf16 (measured vs estimated)"
+for mode in eager compiled; do
+  flag=""; [ "$mode" = compiled ] && flag=--compile
+  set +e
+  "$PY" -m sparknet.device memory --preset gpt2-70m --vocab 50257 --seq-len 1024 --micro 24 --device cuda $flag \
+    > "$OUT/memory-$mode.json" 2> "$OUT/memory-$mode.log"
+  rc=$?
+  set -e
+  [ "$rc" = 0 ] || { echo "bench_gpu: memory ($mode) failed (exit $rc); see $OUT/memory-$mode.log" >&2; rm -f "$OUT/memory-$mode.json"; }
+done
+
 echo "== eval gpt2-70m (bench_eval.py)"
 "$PY" scripts/bench_eval.py --preset gpt2-70m --device cuda --wikitext "$DATA/wikitext-2-raw" \
   --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.log"
@@ -113,6 +128,15 @@ for compile in ("off", "on"):
         print(f"compile {compile:<3} micro {micro:<3} {name:<10} {s['tokens_per_s']:>12,.0f} tokens/s{mfu}{verdict}")
     for k, v in r["ratios"].items():
         print(f"compile {compile:<3} {k}: {v:+.2%}" if k.startswith("overhead") else f"compile {compile:<3} {k}: {v:.3f}x")
+for mode in ("eager", "compiled"):
+    p = out / f"memory-{mode}.json"
+    if not p.exists():
+        print(f"memory {mode}: no result (see memory-{mode}.log)")
+        continue
+    m = json.loads(p.read_text())
+    print(f"memory {mode:<8} gpt2-70m micro {m['micro_batch']} x {m['seq_len']}: max_memory_allocated "
+          f"{m['measured_bytes'] / 2**30:.2f} GiB, estimate {m['estimate_bytes'] / 2**30:.2f} GiB "
+          f"(measured/estimate {m['ratio']:.2f}{'' if m['compiled'] or mode == 'eager' else '; compile fell back to eager'})")
 for e in json.loads((out / "eval.json").read_text()):
     print(f"eval {e['protocol']} stride {e['details']['stride_tokens']}: {e['seconds']:.2f} s "
           f"(target <= 5 s on an H100), ppl {e['perplexity']:.0f} (random weights)")

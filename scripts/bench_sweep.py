@@ -1,8 +1,8 @@
 """Per-trial overhead of `sparknet.sweep` on the CPU, and trials per hour at a tiny proxy budget.
 
-    .venv/bin/python scripts/bench_sweep.py [--trials 6] [--proxy-tokens 16384] [--data ../shared/data]
+    .venv/bin/python scripts/bench_sweep.py [--trials 6] [--proxy-tokens 16384]
 
-Runs a real sweep (SQLite storage, MLflow store, a tiny model on real text) in a temporary lab. For each
+Runs a real sweep (SQLite storage, MLflow store, a tiny model on the installed Python's text) in a temporary lab. For each
 trial, overhead = the trial's wall time (ask to tell: config, data plan, model build, MLflow run with
 params/tags/artifacts, final export, teardown) minus its training time (steps, evaluations, checkpoints),
 as the trials record them. Target: overhead <= 5 s per trial.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparknet, and tests/tinylab.py: the tests' tiny real-text lab
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinylab import BOOKS, DROP, EDU, SHARED_DATA, write_tiny_mixture  # noqa: E402
+from tinylab import DROP, write_tiny_mixture  # noqa: E402
 
 # The tests' tiny recipe (8 sequences a step, as in tests/test_sweep.py) with a 1M-token full budget and sources
 # that may repeat 20 times, in the default shard size.
@@ -33,19 +33,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--proxy-tokens", default="16384")
-    ap.add_argument("--data", default=str(SHARED_DATA))
     args = ap.parse_args()
-    data = Path(args.data)
-    if not (data / EDU).exists() or not (data / BOOKS).exists():
-        print(f"error: real text not found under {data} (fix: --data DIR holding web_edu/ and academic/)")
-        return 2
     import optuna
 
     from sparknet.sweep import main as sweep_main
 
     with tempfile.TemporaryDirectory(prefix="sparknet-bench-sweep-") as tmp:
         lab = Path(tmp)
-        write_tiny_mixture(lab, data, **MIXTURE)
+        write_tiny_mixture(lab, **MIXTURE)
         os.chdir(lab)
         # Warm the token store and the BPE once, as an overnight sweep's first trial would.
         from sparknet.config import load_config

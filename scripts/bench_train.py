@@ -229,7 +229,7 @@ def build_config(args: argparse.Namespace, lab: Path) -> RunConfig:
         "tokenizer": {"name": vocab} | ({"vocab_size": args.bpe_vocab_size, "train_bytes_per_source": 2**20}
                                        if vocab == "bpe" else {}),
         "model": {"preset": args.preset},
-        "train": {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "grad_accum_steps": args.accum,
+        "train": {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "batch_tokens": tokens_per_step,
                   "lr": args.lr, "min_lr": args.lr / 10, "device": args.device, "compile": args.compile,
                   "precision": "bf16", "checkpoint_minutes": 0, "checkpoint_every_tokens": 0,
                   "keep_checkpoints": 1},
@@ -418,7 +418,7 @@ def run_hf(setup: Setup, tmp: Path, repeat: int, threads: int) -> Result:
     on_cuda = setup.device.type == "cuda"
     targs = TrainingArguments(
         output_dir=str(tmp / f"hf-{repeat}"), max_steps=setup.num_steps,
-        per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum_steps,
+        per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum_steps(1),
         learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": t.min_lr},
         warmup_steps=round(t.warmup_fraction * setup.num_steps), weight_decay=t.weight_decay,
         adam_beta1=t.beta1, adam_beta2=t.beta2, adam_epsilon=1e-8, max_grad_norm=t.grad_clip,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else \
             f"{platform.processor() or platform.machine()} cpu, {threads} torch threads"
         print(f"model {args.preset}: {shape.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} "
-              f"MFLOP/token; batch {t.micro_batch_size} x {t.grad_accum_steps} x {t.seq_len} = "
+              f"MFLOP/token; batch {t.micro_batch_size} x {t.grad_accum_steps(1)} x {t.seq_len} = "
               f"{setup.step_tokens:,} tokens/step; {setup.warmup} warmup + {setup.timed_steps} timed steps; "
               f"{'bf16 autocast' if setup.device.type == 'cuda' else 'fp32'}, compile "
               f"{'on' if setup.compile else 'off'}{'; glibc malloc without mmap' if args.malloc_no_mmap else ''}; "

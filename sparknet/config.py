@@ -70,6 +70,10 @@ class SourceConfig:
                             "tokens; prepare fails before training if the share needs more.")
     max_document_bytes: int = _f(64 * 2**20, "A single document (or jsonl line) larger than this is "
                                  "an error rather than a silent memory blow-up.")
+    allow_overlap: bool = _f(False, "This source may read files or a hub dataset (path, subset, split) that "
+                             "another source also reads, on purpose. Without it prepare refuses the overlap: the "
+                             "plan would undercount the repetition, and one source's validation documents would "
+                             "train the other (which stays true when allowed).")
 
     def validate(self, at: _At) -> None:
         if not self.name:
@@ -115,8 +119,14 @@ class MixtureConfig:
     sources: tuple[SourceConfig, ...] = _f((), "The sources; at least one.")
     stages: tuple[StageConfig, ...] = _f((), "Optional curriculum: weights that change at given "
                                          "fractions of training; the first starts at 0.")
-    val_tokens: int = _f(1_048_576, "Tokens per source held out for validation (whole documents "
-                         "from the start of the source); never trained on.", tokens=True)
+    val_tokens: int = _f(1_048_576, "Tokens per source held out for validation: whole documents drawn by a "
+                         "hash of their text, spread over the source, never trained on (copies of them are "
+                         "dropped from training); see README.", tokens=True)
+    val_max_fraction: float = _f(0.1, "local/blog/pydocs: the most of a source's tokens its validation slice may "
+                                 "take (whole documents), so a small source stays mostly training.")
+    val_stream_rate: float = _f(0.01, "Streamed hf sources: the share of documents (by hash) eligible for "
+                                "validation. The slice is the first of them in the stream until val_tokens, "
+                                "spread over the first ~val_tokens / rate tokens.")
     seed: int = _f(1234, "Seed of the interleaving and of the sequence order within each source.")
     window_fraction: float = _f(0.01, "Every aligned window of this fraction of training holds "
                                 "each source's share to within one sequence.")
@@ -126,6 +136,9 @@ class MixtureConfig:
             at.fail("total_tokens", f"must be > 0, got {self.total_tokens}", "use e.g. 1B or 50M")
         if self.val_tokens < 0:
             at.fail("val_tokens", f"must be >= 0, got {self.val_tokens}", "use e.g. 1M")
+        for key in ("val_max_fraction", "val_stream_rate"):
+            if not 0 < getattr(self, key) <= 0.5:
+                at.fail(key, f"must be in (0, 0.5], got {getattr(self, key)}", "use e.g. 0.1 or 0.01")
         if self.seed < 0:  # numpy's seeding rejects negative seeds (a traceback in the loader)
             at.fail("seed", f"must be >= 0, got {self.seed}", "use e.g. 1234")
         if not 0.0 < self.window_fraction <= 1.0:
@@ -238,8 +251,15 @@ class TrainConfig:
     """The optimization recipe (CodeLion's by default)."""
 
     seq_len: int = _f(1024, "Tokens per training sequence (at most the model's context).")
-    micro_batch_size: int = _f(24, "Sequences per forward pass per process.")
-    grad_accum_steps: int = _f(5, "Micro-batches per optimizer step: 24 x 5 x 1024 = 122,880 tokens.")
+    batch_tokens: int = _f(122_880, "Tokens per optimizer step, all processes together: the recipe's global "
+                           "batch (CodeLion: 120 sequences x 1024). It, the schedule and step k's data are the "
+                           "same on any number of processes; gradient accumulation is derived from it: "
+                           "batch_tokens / (seq_len x micro_batch_size x processes). A multiple of seq_len.",
+                           tokens=True)
+    micro_batch_size: int | Literal["auto"] = _f(
+        24, "Sequences per forward pass per process: memory, not the recipe (1 GPU: accumulation 5; 8 GPUs: it must "
+        "divide 120 / 8 = 15, e.g. 15, 5 or 3). auto: the largest divisor of the process's share that fits the "
+        "device, from the memory estimate, probed once at start on CUDA (sparknet.device.fit_micro_batch).")
     lr: float = _f(5e-4, "Peak learning rate.")
     min_lr: float = _f(5e-5, "Final learning rate of the decay.")
     schedule: Literal["cosine", "linear", "wsd"] = _f("cosine", "Decay shape after warmup.")
@@ -251,7 +271,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     precision: Literal["bf16", "fp32"] = _f("bf16", "Mixed precision on CUDA; CPU runs use fp32.")
     seed: int = _f(1337, "Seed of the model initialization.")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else the CPU.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else the CPU, but never "
+                                                 "by accident: a GPU that torch cannot use, or a run estimated at "
+                                                 "more than 4 h on the CPU, stops with the fix; cpu insists.")
     compile: Literal["auto", "on", "off"] = _f("auto", "torch.compile the model (auto: on CUDA only; "
                                                "falls back to eager with a warning if compiling fails).")
     checkpoint_minutes: float = _f(30.0, "Write a resumable checkpoint this often, at the first logging "
@@ -263,6 +285,10 @@ class TrainConfig:
                                "its recent average (non-finite losses always stop it).")
     peak_flops: float = _f(0.0, "Peak FLOP/s of the accelerator for MFU (0: look the GPU up in the "
                            "built-in table; bf16 dense figures).")
+    dist_timeout_minutes: float = _f(60.0, "Several processes: how long a collective (a barrier, an all-reduce) "
+                                     "may wait for a slow process before the job aborts (NCCL's default is 10). "
+                                     "Data preparation happens before the process group exists, so it is not "
+                                     "bounded by this; evaluation and checkpoints on the main process are.")
 
     def validate(self, at: _At) -> None:
         if self.checkpoint_minutes < 0 or self.checkpoint_every_tokens < 0:
@@ -274,13 +300,27 @@ class TrainConfig:
             at.fail("log_every_steps", f"must be >= 1, got {self.log_every_steps}", "use e.g. 10")
         if self.diverge_factor <= 1:
             at.fail("diverge_factor", f"must be > 1, got {self.diverge_factor}", "use e.g. 3")
+        if not self.dist_timeout_minutes > 0:
+            at.fail("dist_timeout_minutes", f"must be > 0, got {self.dist_timeout_minutes}", "use e.g. 60")
         if self.peak_flops < 0:
             at.fail("peak_flops", "must be >= 0", "use e.g. 989e12 for an H100, or 0 to look it up")
         if not 0 <= self.seed < 2**63:
             at.fail("seed", f"must be in [0, 2**63), got {self.seed}", "use e.g. 1337")
-        for key in ("seq_len", "micro_batch_size", "grad_accum_steps"):
+        for key in ("seq_len", "micro_batch_size", "batch_tokens"):
+            if getattr(self, key) == "auto":  # micro_batch_size=auto: chosen when training starts
+                continue
             if getattr(self, key) <= 0:
                 at.fail(key, f"must be > 0, got {getattr(self, key)}", "use a positive integer")
+        if self.batch_tokens % self.seq_len:
+            at.fail("batch_tokens", f"{self.batch_tokens:,} is not a multiple of seq_len {self.seq_len}",
+                    f"use a whole number of sequences, e.g. {max(1, round(self.batch_tokens / self.seq_len)) * self.seq_len}")
+        if self.micro_batch_size != "auto" and self.sequences_per_step % self.micro_batch_size:
+            at.fail("micro_batch_size", f"{self.micro_batch_size} does not divide the {self.sequences_per_step} "
+                    f"sequences of a step (batch_tokens {self.batch_tokens:,} / seq_len {self.seq_len})",
+                    f"use one of {_divisors_text(self.sequences_per_step)}")
+        if self.schedule == "wsd" and self.warmup_fraction + self.decay_fraction > 1:
+            at.fail("decay_fraction", f"warmup_fraction {self.warmup_fraction} + decay_fraction "
+                    f"{self.decay_fraction} exceed the whole run", "make the two sum to at most 1")
         if not self.lr > 0:
             at.fail("lr", f"must be > 0, got {self.lr}", "use e.g. 5e-4")
         if not 0 <= self.min_lr <= self.lr:
@@ -294,6 +334,35 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             at.fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0",
                     "use a non-negative value")
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step, all processes together."""
+        return self.batch_tokens // self.seq_len
+
+    def grad_accum_steps(self, num_processes: int = 1) -> int:
+        """Micro-batches per optimizer step on each of `num_processes` processes (the recipe's global batch
+        split over them); a SparknetError naming the numbers and the micro-batch sizes that work otherwise."""
+        sps, mb, n = self.sequences_per_step, self.micro_batch_size, num_processes
+        if sps % n:
+            ok = [k for k in range(1, min(sps, 16) + 1) if sps % k == 0]
+            raise SparknetError(f"train.batch_tokens: the global batch of {sps} sequences ({self.batch_tokens:,} "
+                                f"tokens) cannot be split over {n} processes (fix: use a process count that "
+                                f"divides {sps}, e.g. {', '.join(map(str, ok))}, or change train.batch_tokens)")
+        if mb == "auto":  # resolved by the trainer (sparknet.device.fit_micro_batch) before anything splits a step
+            raise SparknetError("train.micro_batch_size: auto is chosen when training starts, and this needs a number "
+                                f"(fix: train.micro_batch_size= one of {_divisors_text(sps // n)})")
+        if (sps // n) % mb:
+            raise SparknetError(f"train.micro_batch_size: {mb} sequences x {n} process(es) do not divide the global "
+                                f"batch of {sps} sequences ({self.batch_tokens:,} tokens / seq_len {self.seq_len}) "
+                                f"(fix: train.micro_batch_size= one of {_divisors_text(sps // n)} for {n} "
+                                f"process(es); the global batch stays the recipe's)")
+        return sps // n // mb
+
+
+def _divisors_text(n: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, divs if len(divs) <= 12 else divs[:6] + divs[-6:]))
 
 
 @dataclass(frozen=True)
@@ -462,6 +531,8 @@ def parse_tokens(value: Any) -> int:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int | 'auto'`, `float | None`
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -474,8 +545,16 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        # `int | Literal["auto"]`: a listed word is taken as it is, anything else must be the number.
+        words = [w for a in inner if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and isinstance(value, str) and value.strip() in words:
+            return value.strip()
+        if words and isinstance(value, str) and not re.fullmatch(r"[+-]?\d[\d_]*", value.strip()):
+            at.fail(key, f"must be a whole number or {' / '.join(map(repr, words))}, got {value!r}")
         return _coerce(inner[0], value, at, key, meta)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (train.compile=off) as a boolean
         if value not in args:
             at.fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
@@ -530,10 +609,21 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user error
 
 
+# Keys that existed once and now mean something else: say what replaced them, not just "unknown key".
+_REPLACED = {
+    ("TrainConfig", "grad_accum_steps"): (
+        "is derived now, so the recipe does not change with the number of GPUs",
+        "set train.batch_tokens, the tokens per optimizer step of all processes together (the old recipe's "
+        "micro_batch_size x grad_accum_steps x seq_len x processes); accumulation follows from it"),
+}
+
+
 def _build(cls: type, data: dict, at: _At) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if (cls.__name__, key) in _REPLACED:
+            at.fail(str(key), *_REPLACED[(cls.__name__, key)])
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             at.fail(str(key), "unknown key",
@@ -602,20 +692,53 @@ def _apply_override(raw: dict, text: str, origins: dict[str, str]) -> None:
     origins[canonical] = label
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first set on line {first_line}; YAML would "
+                         f"silently keep only the last one)")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key: let SafeLoader report it as it always did
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(str(key), line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, what: str = "") -> Any:
+    """A YAML file as plain data; a ConfigError naming the file and line for unreadable text, invalid YAML or
+    a key given twice."""
+    file = str(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(file, what, "is not UTF-8 text") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(file, what, f"{exc} (fix: keep one of them)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(file, what, f"{line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a mixture YAML, apply `key.sub=value` overrides, and return the validated tree."""
     file = str(path)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(file, "", "file not found (fix: pass a path such as mixtures/quickstart.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(file, "", "is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError(file, "", f"{line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = read_yaml(p)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -624,6 +747,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     origins: dict[str, str] = {}
     for text in overrides:
         _apply_override(raw, text, origins)
+    if "mixture" not in raw:  # the defaults hold no sources: nothing to train on
+        what = "is empty" if set(raw) <= {"name"} else "has no `mixture:` section"
+        raise ConfigError(file, "mixture", f"the spec {what} (fix: add a `mixture:` section with `sources:`, each "
+                          f"with a name, kind and weight; see mixtures/quickstart.yaml)")
     _resolve_paths(raw, p.resolve().parent)
     return _build(RunConfig, raw, _At(file, "", origins))
 
@@ -681,7 +808,9 @@ def mixture_cli(prog: str, description: str, override_example: str):
 
 def config_from_cli(ap, argv: list[str] | None):
     """(args, config) from a `mixture_cli` parser; config is None when --help-config printed the keys."""
-    args = ap.parse_args(argv)
+    # Overrides may come anywhere, also after flags (`run X.yaml --quiet train.lr=3e-4`): argparse's plain
+    # parse stops collecting positionals at the first flag, the intermixed parse does not.
+    args = ap.parse_intermixed_args(argv)
     if args.help_config:
         print(config_help())
         return args, None

@@ -47,6 +47,12 @@ Why the `evaluate` library is not used: version 0.4.x ships no metric modules in
 re-tokenizes the texts itself, and it computes the mean of per-text perplexities. It can neither score an
 in-memory model nor run offline, and it implements neither protocol here, so using it would be a fake.
 
+Precision: every WikiText-2 number is computed in float32 (`EVAL_DTYPE`), whoever computes it (the end of a
+training run, `sparknet.compare --evaluate` for runs and baselines): bf16 autocast rounds every matmul to an
+8-bit mantissa, so the same model would score differently depending on who scored it, and scoring costs a small
+fraction of training. Each result records the dtype it was computed in (`details["dtype"]`), and the comparison
+table shows it per row.
+
 Data (`load_wikitext`): a local copy (an argument, else the SPARKNET_WIKITEXT environment variable) or the hub
 through `datasets` (cached after the first download). Rows are returned exactly as
 `load_dataset("wikitext", "wikitext-2-raw-v1", split=...)["text"]` has them: "" for blank lines, else the line
@@ -65,7 +71,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +86,8 @@ TokenizeFn = Callable[[list[str]], list[list[int]]]
 PROTOCOL_BLOG = "sparknet-blog"
 STRIDED_PREFIX = "hf-strided-"
 DEFAULT_PROTOCOLS = (PROTOCOL_BLOG, "hf-strided-512", "hf-strided-1024")
+# The dtype policy (see the module docstring): WikiText-2 is scored in float32, weights and logits.
+EVAL_DTYPE = "float32"
 
 # SparkNet's published protocol.
 BLOG_SEED = 42
@@ -90,8 +98,8 @@ BLOG_BATCH_ROWS = 8
 WIKITEXT_ENV = "SPARKNET_WIKITEXT"
 HUB_DATASET = "wikitext"
 HUB_CONFIG = "wikitext-2-raw-v1"
-FIX_HINT = ("fix: pass --wikitext DIR or set SPARKNET_WIKITEXT=DIR to a folder with wiki.test.raw / "
-            "wiki.valid.raw")
+FIX_HINT = ("fix: set SPARKNET_WIKITEXT=DIR (or eval.wikitext_path=DIR; compare: --wikitext DIR) to a folder with "
+            "wiki.test.raw / wiki.valid.raw, or go online once: the hub copy is cached")
 # Rows per split and sha256 of "\n".join(rows) (the widely shared 1,292,013-byte wiki.test.raw is that file
 # for test): results say whether they were computed on the canonical text.
 WIKITEXT_NUM_ROWS = {"test": 4358, "validation": 3760}
@@ -562,12 +570,18 @@ def parse_protocols(protocols: Sequence[str]) -> tuple[bool, list[int]]:
 def evaluate_wikitext(logits_fn: LogitsFn, tokenize: TokenizeFn, vocab_size: int, n_positions: int,
                       protocols: Sequence[str] = DEFAULT_PROTOCOLS, local: str | os.PathLike[str] | None = None,
                       device: Any = "cpu", batch_size: int = 8,
-                      cache_dir: str | os.PathLike[str] | None = None) -> list[EvalResult]:
+                      cache_dir: str | os.PathLike[str] | None = None, dtype: str | None = None) -> list[EvalResult]:
     """Score one model on WikiText-2 under `protocols`, in that order.
 
     logits_fn: ids [B, T] on `device` -> logits [B, T, >= vocab_size]. tokenize: texts -> ids, no special
     tokens added (e.g. `Tokenizer.encode_batch`, or `hf_tokenize(tok)`). vocab_size: the tokenizer's.
     n_positions: the model's context. batch_size: sequences of up to `n_positions` tokens per forward pass.
+    dtype: the precision `logits_fn` computes in (EVAL_DTYPE, the policy, or e.g. "bfloat16 autocast"), recorded
+    in every result's details: this function cannot see inside `logits_fn`, so the caller says it.
+
+    Strided protocols whose stride the model's context clamps to the same value (a 256-token model under both
+    hf-strided-512 and hf-strided-1024) give identical numbers, so they are computed once and reported under
+    each name (`details["same_as"]` names the one that ran).
     """
     blog, strides = parse_protocols(protocols)
     results: dict[str, EvalResult] = {}
@@ -584,11 +598,22 @@ def evaluate_wikitext(logits_fn: LogitsFn, tokenize: TokenizeFn, vocab_size: int
         ids = tokenize([text])[0]
         tokenize_s = time.perf_counter() - started
         text_bytes = len(text.encode("utf-8"))
+        by_stride: dict[int, EvalResult] = {}  # effective stride -> the result computed for it
         for stride in strides:
-            result = eval_hf_strided(logits_fn, ids, vocab_size, n_positions, stride, device=device,
-                                     batch_size=batch_size, text_bytes=text_bytes)
-            result.details.update(_data_details("test", rows, source), tokenize_seconds=tokenize_s)
+            ran = by_stride.get(min(stride, n_positions))
+            if ran is not None:
+                # seconds=0: no work was done for this name (what it cost is on the result named in same_as).
+                result = replace(ran, protocol=f"{STRIDED_PREFIX}{stride}", seconds=0.0, details=dict(
+                    ran.details, stride_clamped=ran.details["stride_tokens"] != stride, same_as=ran.protocol))
+            else:
+                result = eval_hf_strided(logits_fn, ids, vocab_size, n_positions, stride, device=device,
+                                         batch_size=batch_size, text_bytes=text_bytes)
+                result.details.update(_data_details("test", rows, source), tokenize_seconds=tokenize_s)
+                by_stride[result.details["stride_tokens"]] = result
             results[result.protocol] = result
+    if dtype is not None:
+        for result in results.values():
+            result.details["dtype"] = dtype
     return [results[name] for name in protocols]
 
 

@@ -9,6 +9,8 @@ reads its own share of each step from the plan.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -26,15 +28,21 @@ from sparknet.errors import SparknetError, cli_main
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
 # so e.g. checkpointing more often or moving to another device still resumes the same run.
+# The micro-batch is one of them: the recipe is the global `batch_tokens`, so a run may resume with another
+# micro-batch (and accumulation) on another number of GPUs.
 _OPERATIONAL = ("device", "compile", "checkpoint_minutes", "checkpoint_every_tokens", "keep_checkpoints",
-                "log_every_steps", "diverge_factor", "peak_flops")
+                "log_every_steps", "diverge_factor", "peak_flops", "micro_batch_size", "dist_timeout_minutes")
+
+
+def run_identity(d: dict) -> dict:
+    """What changes what is trained, from a config's `to_dict`: the mixture, tokenizer, model and the train keys
+    that are not operational. Two configs with the same identity train the same run."""
+    return {"mixture": d["mixture"], "tokenizer": d["tokenizer"], "model": d["model"],
+            "train": {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}}
 
 
 def config_hash(cfg: RunConfig) -> str:
-    d = to_dict(cfg)
-    ident = {"mixture": d["mixture"], "tokenizer": d["tokenizer"], "model": d["model"],
-             "train": {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(run_identity(to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -79,15 +87,28 @@ _ACCELERATORS: dict = {}
 
 
 def make_accelerator(cfg: RunConfig):
-    """One accelerate.Accelerator per process (its state is process-global), bf16 on CUDA when asked."""
+    """One accelerate.Accelerator per process (its state is process-global), bf16 on CUDA when asked. Under
+    torchrun this creates the process group, with `train.dist_timeout_minutes` for its collectives."""
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from sparknet.device import check_cpu_fallback, configure_ptxas, cuda_missing_error
 
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise SparknetError("train.device: cuda was asked for but no CUDA device is visible (fix: "
-                            "train.device=auto or cpu)")
+        raise cuda_missing_error()  # names the installed torch build and the GPU nvidia-smi shows, if any
     on_cuda = want != "cpu" and torch.cuda.is_available()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    # No silent CPU fallback: a GPU torch cannot use, or a run of more than a few hours on the CPU, stops here
+    # (train.device=cpu insists); a short run on a GPU box with a CPU-only torch trains with a warning.
+    note = check_cpu_fallback(cfg, int(os.environ.get("WORLD_SIZE", "1"))) if want == "auto" and not on_cuda else None
+    if on_cuda:  # compute capability 12.x (DGX Spark): CUDA 13's ptxas for torch.compile, before anything compiles
+        note = configure_ptxas(torch.cuda.get_device_capability())
+    if note and is_main:
+        print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     mixed = "bf16" if on_cuda and cfg.train.precision == "bf16" else "no"
     key = (on_cuda, mixed)
     if key not in _ACCELERATORS:
@@ -95,7 +116,8 @@ def make_accelerator(cfg: RunConfig):
             from accelerate.state import AcceleratorState
             AcceleratorState._reset_state(reset_partial_state=False)
             _ACCELERATORS.clear()
-        _ACCELERATORS[key] = Accelerator(cpu=not on_cuda, mixed_precision=mixed)
+        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+        _ACCELERATORS[key] = Accelerator(cpu=not on_cuda, mixed_precision=mixed, kwargs_handlers=[timeout])
     return _ACCELERATORS[key]
 
 
@@ -133,6 +155,17 @@ def loss_curve_png(run_dir: Path, out: Path, title: str) -> Path | None:
     return out
 
 
+@contextlib.contextmanager
+def prepare_lock(lab: Path):
+    """The lab's preparation lock (an flock: released by the kernel if its holder dies)."""
+    import fcntl
+
+    lab.mkdir(parents=True, exist_ok=True)
+    with open(lab / ".prepare.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def _write_state(run_dir: Path, state: dict) -> None:
     tmp = run_dir / ".state.json.tmp"
     tmp.write_text(json.dumps(state, indent=1, default=str))
@@ -154,23 +187,35 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
     from sparknet.tracking import NullTracker, open_tracker
     from sparknet.train import Diverged, train
 
-    accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
+    # The launcher's rank, read before any process group exists (torchrun and accelerate launch set RANK).
+    is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = run_dir_for(cfg)
-    if fresh and is_main and run_dir.exists():
-        shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-    run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("status") == "finished":
-        if is_main:
-            print(f"{run_dir}: already finished (rerun with --fresh to train again)")
-        return RunOutcome(run_dir, state["result"], state.get("mlflow_run_id"), already_done=True)
+    if fresh:
+        if is_main and run_dir.exists():
+            shutil.rmtree(run_dir)  # the other processes touch run_dir only after the barrier below
+    elif state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("status") == "finished":  # every process reads the same file and returns
+            if is_main:
+                print(f"{run_dir}: already finished (rerun with --fresh to train again)")
+                # An MLflow server that was down as the run ended: send what it missed and close the run there.
+                from sparknet.tracking import replay_pending
 
-    with accelerator.main_process_first():
+                replay_pending(run_dir, timeout_s=cfg.tracking.timeout_s)
+            return RunOutcome(run_dir, state["result"], state.get("mlflow_run_id"), already_done=True)
+
+    # Prepare before the process group exists: streaming 1B tokens takes tens of minutes, far past any
+    # collective's timeout, so no process may wait for it in a barrier. Each process takes the lab's prepare
+    # lock in turn; the first one does the work, the others find the stores complete. (Several nodes without a
+    # shared filesystem: each node prepares its own lab, or run `sparknet.prepare` on each first.)
+    with prepare_lock(cfg.lab_path):
         prepared = prepare(cfg, progress=progress and is_main, write_report=is_main)
     check_budget(prepared)
+    accelerator = make_accelerator(cfg)
+    accelerator.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if is_main and progress:
         print(format_report(prepared), flush=True)
 
@@ -252,28 +297,28 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
         tracker.end("FINISHED")
         state.update(status="finished", result=result_dict, finished=time.time())
         _write_state(run_dir, state)
-    accelerator.wait_for_everyone()
+    # No barrier after the training: the main process alone scores WikiText-2 and uploads to MLflow (minutes
+    # at real scale), and the other processes, done, must not wait for it under the collective timeout.
     return RunOutcome(run_dir, state.get("result") or result.to_dict(), state.get("mlflow_run_id"))
 
 
 def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, step: int) -> dict:
     """The final model on WikiText-2 under `eval.wikitext`; an unreachable dataset is a recorded gap
     (`wikitext_skipped` with the reason), not a failed run: the training is done and must not be lost."""
-    from sparknet.evaluate import evaluate_wikitext
+    from sparknet.evaluate import EVAL_DTYPE, evaluate_wikitext
     from sparknet.model import load_exported
 
     if not cfg.eval.wikitext:
         return {"wikitext": [], "wikitext_skipped": "eval.wikitext is empty"}
     model = load_exported(final, cfg.model).to(accelerator.device).eval()
 
-    def logits_fn(ids):
-        with accelerator.autocast():
-            return model(ids).float()
+    def logits_fn(ids):  # float32, no autocast: the dtype policy of sparknet.evaluate (EVAL_DTYPE)
+        return model(ids).float()
 
     try:
         results = evaluate_wikitext(logits_fn, prepared.tokenizer.encode_batch, prepared.tokenizer.vocab_size,
                                     model.shape.n_positions, cfg.eval.wikitext, local=cfg.eval.wikitext_path or None,
-                                    device=accelerator.device, batch_size=cfg.eval.batch_size)
+                                    device=accelerator.device, batch_size=cfg.eval.batch_size, dtype=EVAL_DTYPE)
     except SparknetError as exc:
         print(f"warning: WikiText-2 not scored: {exc}", file=sys.stderr)
         tracker.set_tags({"sparknet.wikitext_skipped": str(exc)[:5000]})
@@ -299,18 +344,25 @@ def _finish_artifacts(cfg: RunConfig, run_dir: Path, tracker) -> None:
     tracker.log_artifact(run_dir / "metrics.jsonl")
 
 
-def dry_run(cfg: RunConfig) -> str:
-    """What the run would do, without touching the data or the GPU."""
+def dry_run(cfg: RunConfig, num_processes: int | None = None) -> str:
+    """What the run would do, without touching the data or the GPU: for `num_processes` processes (default: the
+    launcher's WORLD_SIZE, else 1)."""
+    from sparknet.device import describe_device, device_report, estimate_pick, peak_by_label
     from sparknet.mixture import build_plan
     from sparknet.model import GPTShape
     from sparknet.tokenizer import GPT2_VOCAB
-    from sparknet.train import PEAK_FLOPS, lr_at
+    from sparknet.train import lr_at
 
     t = cfg.train
     plan = build_plan(cfg.mixture, t.seq_len)
     vocab = GPT2_VOCAB if cfg.tokenizer.name == "gpt2" else cfg.tokenizer.vocab_size
     shape = GPTShape.from_config(cfg.model, vocab)
-    per_step = t.micro_batch_size * t.grad_accum_steps
+    world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+    device = describe_device(cfg, world)  # what this machine would train on: name, memory (CUDA is queried, not used)
+    if t.micro_batch_size == "auto" and t.sequences_per_step % world == 0:  # the estimate's pick (training probes it)
+        t = dataclasses.replace(t, micro_batch_size=estimate_pick(cfg, shape, world, device) or 1)
+    accum = t.grad_accum_steps(world)  # a one-line error when the global batch does not split
+    per_step = t.sequences_per_step
     num_steps = -(-plan.num_sequences // per_step)
     warmup = round(t.warmup_fraction * num_steps)
     flops = shape.flops_per_token(t.seq_len)
@@ -322,17 +374,20 @@ def dry_run(cfg: RunConfig) -> str:
            else f" (tokenizer {cfg.tokenizer.name}: vocab assumed {vocab:,})")
         + f", {flops / 1e6:.0f} MFLOP/token",
         f"budget {plan.total_tokens:,} tokens = {plan.num_sequences:,} sequences of {t.seq_len} (last "
-        f"{plan.last_len}); {num_steps:,} steps of {per_step} sequences ({per_step * t.seq_len:,} tokens) "
-        f"per process group",
+        f"{plan.last_len}); {num_steps:,} steps of {per_step} sequences ({t.batch_tokens:,} tokens, the same on any "
+        f"number of processes)",
+        f"processes {world}: each {t.micro_batch_size} sequences x {accum} micro-batches (accumulation derived: "
+        f"{per_step} / ({t.micro_batch_size} x {world}))",
         f"schedule {t.schedule}: warmup {warmup:,} steps to {t.lr:g}, ending at {lr_at(num_steps - 1, num_steps, t):.3g}"
         f"; AdamW betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay}, clip {t.grad_clip}",
     ]
     for name, tok in zip(plan.source_names, plan.tokens_per_source()):
         lines.append(f"  {name:<16} {int(tok):>15,} tokens ({tok / plan.total_tokens:6.2%})")
     total = flops * plan.total_tokens
-    est = ", ".join(f"{gpu} {total / (peak * 0.4) / 3600:.1f} h" for gpu, peak in
-                    [("H100", PEAK_FLOPS["H100"]), ("A100", PEAK_FLOPS["A100"]), ("GB10", PEAK_FLOPS["GB10"])])
+    est = ", ".join(f"{gpu} {total / (peak_by_label(label) * 0.4) / 3600:.1f} h" for gpu, label in
+                    (("H100", "H100 SXM"), ("A100", "A100"), ("GB10", "DGX Spark GB10")))
     lines.append(f"compute {total:.3g} FLOPs; at 40% MFU: {est}")
+    lines += device_report(cfg, shape, world, device)  # device, peak memory estimate against it, ETA on it
     from sparknet.tracking import resolve_uri
 
     uri = resolve_uri(cfg.tracking.uri, cfg.lab_path) if cfg.tracking.enabled else "off"
@@ -345,13 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = mixture_cli("python -m sparknet.run", __doc__.split("\n")[0], "train.lr=3e-4")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, model and schedule; train nothing")
     ap.add_argument("--fresh", action="store_true", help="discard this run's checkpoints and start over")
+    ap.add_argument("--processes", type=int, default=None, metavar="N",
+                    help="with --dry-run: plan for N processes (default: this launch's WORLD_SIZE, else 1)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or reports")
     args, cfg = config_from_cli(ap, argv)
     if cfg is None:
         return 0
+    if args.processes is not None and args.processes < 1:
+        raise SparknetError(f"--processes: must be >= 1, got {args.processes}")
     if args.dry_run:
-        print(dry_run(cfg))
+        print(dry_run(cfg, args.processes))
         return 0
+    if cfg.train.device == "auto":  # before preparing (tens of minutes at 1B tokens): refuse an accidental CPU run now
+        import torch
+
+        from sparknet.device import check_cpu_fallback
+
+        if not torch.cuda.is_available():
+            check_cpu_fallback(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # raises; a warning waits for training
     out = execute(cfg, fresh=args.fresh, progress=not args.quiet)
     r = out.result
     if out.result:

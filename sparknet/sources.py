@@ -7,6 +7,11 @@ the content-addressed store (it ignores the weight and the name). `resolve_hf_co
 hub dataset's `revision` points at now; the store records it and passes it back as `revision=` so that
 it is only ever extended from the commit it was created from.
 
+`doc_hash(text)` is a document's identity for the validation split and for deduplication: a salted
+64-bit hash of its whitespace-normalized text. Before anything is tokenized, `check_source(src)` says
+whether a local source holds text at all, `check_overlaps(sources)` refuses two sources that read the
+same files or dataset, and `check_hub_source(src)` whether a hub dataset can be streamed from here.
+
 Kinds:
 - hf:     a Hugging Face dataset (hub id with `revision`, or a local dataset folder), streamed.
 - local:  files matching a glob or under a folder: jsonl(.gz)/json/parquet (one document per record,
@@ -19,8 +24,10 @@ Kinds:
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import gzip
+import hashlib
 import html
 import inspect
 import json
@@ -28,6 +35,7 @@ import os
 import re
 import sys
 import sysconfig
+import threading
 import zlib
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -77,6 +85,33 @@ def source_identity(src: SourceConfig) -> dict:
             ident["files"] = len(_stdlib_files())
     ident["max_document_bytes"] = src.max_document_bytes
     return ident
+
+
+# --------------------------------------------------------------------------------- document identity
+
+# Fixed, not the mixture seed: the held-out documents of a source must not change with the run's seed (a
+# sweep over seeds would otherwise validate each trial on text another trial trained on), and the stores
+# stay shared. Changing it changes every validation slice, so it is part of each store's key.
+VAL_SALT = "sparknet-val-1"
+HASH_SPACE = 2**64
+
+
+def normalize_text(text: str) -> str:
+    """The text that identifies a document: whitespace runs collapsed to one space, ends stripped, so a
+    copy that was re-wrapped or re-indented is still the same document."""
+    return " ".join(text.split())
+
+
+def doc_hash(text: str, salt: str = VAL_SALT) -> int:
+    """A document's salted 64-bit hash in [0, 2**64), of its normalized text.
+
+    Uniform over documents, so "hash below a threshold" is a seeded random sample spread over the whole
+    source, decided by each document alone (no pass over the source, the same on every machine); and two
+    copies of a text always land on the same side of the split. 64 bits: with a million held-out documents
+    and a billion training documents, the chance of any false duplicate is ~5e-5.
+    """
+    data = normalize_text(text).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=salt.encode()).digest(), "big")
 
 
 def _skip(it: Iterator[str], start: int) -> Iterator[str]:
@@ -196,8 +231,13 @@ def list_files(src: SourceConfig) -> list[str]:
                             f"(fix: set mixture.sources.{src.name}.path to a file, folder or glob)")
     files = sorted(files)
     if not files:
+        held = ""
+        if os.path.isdir(p):  # say what is there instead: a folder of .csv is a different fix than an empty one
+            other = sorted({f.suffix.lower() or f.name for f in Path(p).rglob("*") if f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts)})
+            held = f", it holds only {', '.join(other[:5])} files" if other else ", it is empty"
         raise SparknetError(f"source {src.name!r}: no {'/'.join(s.lstrip('.') for s in suffixes)} files "
-                            f"match {p!r} (fix: check mixture.sources.{src.name}.path)")
+                            f"match {p!r}{held} (fix: check mixture.sources.{src.name}.path)")
     for f in files:
         if not f.lower().endswith(suffixes):
             raise SparknetError(f"{f}: unsupported file type for source {src.name!r} "
@@ -422,28 +462,36 @@ def _stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def _stdlib_files() -> list[str]:
-    root = Path(_stdlib_dir())
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3",
-            "config-3", "ensurepip"}
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[str, ...]:
+    """The standard library's own .py files (no site-packages, no tests), sorted. Cached: a run asks for them
+    several times (the store key counts them) and the walk takes seconds; skipped folders are pruned, not walked."""
+    root = _stdlib_dir()
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "ensurepip"}
     out = []
-    for f in root.rglob("*.py"):
-        rel = f.relative_to(root).parts
-        if any(p in skip or p.startswith("config-") for p in rel[:-1]):
-            continue
-        out.append(str(f))
-    return sorted(out)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith("config-")]
+        out.extend(os.path.join(folder, f) for f in files if f.endswith(".py"))
+    return tuple(sorted(out))
 
 
-def _distributions() -> list[tuple[str, str, object]]:
+def _distributions() -> tuple[tuple[str, str, object], ...]:
+    """The installed distributions (name, version, dist), by name. Cached per sys.path (what they are found on):
+    reading every METADATA file takes about a second, and one prepare asks several times (the store key lists
+    them, every pass over `readmes` reads them)."""
+    return _distributions_on(tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=2)
+def _distributions_on(path: tuple[str, ...]) -> tuple[tuple[str, str, object], ...]:
     from importlib import metadata
 
     seen = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=list(path)):
         name = (dist.metadata.get("Name") or "").strip()
         if name and name.lower() not in seen:
             seen[name.lower()] = (name, dist.version, dist)
-    return [seen[k] for k in sorted(seen)]
+    return tuple(seen[k] for k in sorted(seen))
 
 
 def module_docstrings(source: str) -> str:
@@ -468,7 +516,173 @@ def _iter_pydocs(src: SourceConfig) -> Iterator[str]:
         return
     for f in _stdlib_files():
         try:
-            source = Path(f).read_text(encoding="utf-8")
-            yield module_docstrings(source) if src.part == "docstrings" else source
+            if src.part == "docstrings":
+                st = os.stat(f)
+                yield _docstrings_of(f, st.st_size, st.st_mtime_ns)
+            else:
+                yield Path(f).read_text(encoding="utf-8")
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             yield ""  # a few stdlib files are deliberately broken (test data); keep positions stable
+
+
+@functools.lru_cache(maxsize=4096)
+def _docstrings_of(path: str, size: int, mtime_ns: int) -> str:
+    """Cached per file (size and mtime in the key): parsing the stdlib takes ~10 s on a slow core, and one
+    prepare reads it up to four times (validation selection, tokenizer training, the store); ~2 MB held."""
+    return module_docstrings(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------- checks before tokenizing
+
+
+def is_hub(src: SourceConfig) -> bool:
+    """A source streamed from the Hugging Face hub (not a local dataset folder)."""
+    return src.kind == "hf" and not Path(src.path).exists()
+
+
+def check_source(src: SourceConfig) -> tuple[int, int] | None:
+    """Check, without tokenizing, that a local or blog source holds text: (number of files, bytes).
+
+    Errors name the source, the file and the fix: a path that does not exist, a glob matching nothing, a
+    folder without supported files, an empty file, an empty or unreadable blog post. None for kinds whose
+    size is not cheap to know (hub datasets, pydocs) and for compressed files (.jsonl.gz, .parquet), whose
+    bytes say nothing about their text. For the uncompressed ones, bytes bound the text from above (a
+    JSON record's text is never longer than its line).
+    """
+    if src.kind == "hf":
+        p = src.path
+        if not Path(p).exists() and (p.startswith(("/", ".", "~")) or p.count("/") > 1):
+            # A hub id is "owner/name": this was meant as a folder; say so rather than blame the hub for a typo.
+            raise SparknetError(f"source {src.name!r}: dataset folder {p!r} does not exist (fix: set "
+                                f"mixture.sources.{src.name}.path to a dataset folder or a hub id such as owner/name)")
+        return None
+    if src.kind not in ("local", "blog"):
+        return None
+    files = list_files(src)
+    sizes = [os.path.getsize(f) for f in files]
+    for f, size in zip(files, sizes):
+        if size == 0:
+            raise SparknetError(f"{f}: file is empty (fix: remove it or narrow mixture.sources.{src.name}.path)")
+    if src.kind == "blog":
+        for _ in _iter_blog(src):  # posts are few and small: read them all now (empty, not UTF-8, too big)
+            pass
+    if any(f.lower().endswith((".gz", ".parquet")) for f in files):
+        return None
+    return len(files), sum(sizes)
+
+
+def _data_keys(src: SourceConfig) -> dict[tuple, str]:
+    """What a source reads, as comparable keys -> a readable name of each."""
+    if src.kind in ("local", "blog"):
+        return {("file", os.path.realpath(f)): f for f in list_files(src)}
+    if src.kind == "hf":
+        if Path(src.path).exists():
+            root = Path(src.path)
+            files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file()]
+            return {("file", os.path.realpath(f)): str(f) for f in files}
+        # Any revision: two commits of one dataset share most of their rows.
+        return {("hf", src.path.lower(), src.subset, src.split):
+                f"hf {src.path}" + (f" subset {src.subset}" if src.subset else "") + f" split {src.split}"}
+    # pydocs: the parts are different documents (docstrings are a small extract of the code, not a copy)
+    return {("pydocs", src.part): f"pydocs {src.part}"}
+
+
+def check_overlaps(sources: tuple[SourceConfig, ...] | list[SourceConfig]) -> None:
+    """Two sources reading the same files or dataset are an error, unless one of them sets `allow_overlap`.
+
+    Why: the plan counts each source's repetition separately, so a file read by two sources is trained
+    1.7x while the report says 1.0x; and one source's validation documents are the other's training
+    documents. Checked before anything is tokenized.
+    """
+    keys = [_data_keys(s) for s in sources]
+    for j, b in enumerate(sources):
+        for i in range(j):
+            a = sources[i]
+            common = keys[i].keys() & keys[j].keys()
+            if not common or a.allow_overlap or b.allow_overlap:
+                continue
+            example = keys[i][min(common)]
+            what = f"{len(common)} of its files, e.g. {example}" if len(common) > 1 else example
+            raise SparknetError(
+                f"mixture.sources.{b.name}: reads the same data as source {a.name!r} ({what}): it would be trained "
+                f"on more often than max_repeats allows, and each source's validation documents would train the "
+                f"other (fix: point the two sources at different files or datasets, or set "
+                f"mixture.sources.{b.name}.allow_overlap: true if the repetition is intended)")
+
+
+HUB_HINT = ("streaming needs the network: prepare once online (the token store is then reused), or point "
+            "the source at a local copy (kind: local / a dataset folder)")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, as set now or as huggingface_hub read them at import."""
+    flags = [os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", "")]
+    if any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags):
+        return True
+    hub = sys.modules.get("huggingface_hub.constants")  # only if imported: it reads the flags at import
+    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str:
+    """"" when the Hugging Face hub answers a TCP connection within `timeout_s`, else why not.
+
+    Why: with the network down and HF_HUB_OFFLINE unset, `datasets` retries for ~25 s before it fails;
+    this says so in `timeout_s`. The connection (name lookup included, which no socket timeout bounds)
+    runs in a thread that is given up on after the timeout. Behind a proxy a direct connection says
+    nothing, so there the probe is skipped ("").
+    """
+    if hub_offline():
+        return "HF_HUB_OFFLINE=1"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    if not url.hostname:
+        return ""
+    result: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout_s).close()
+            result.append("")
+        except OSError as exc:
+            result.append(f"{url.hostname} did not answer: {exc.strerror or type(exc).__name__}")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout_s + 0.5)
+    return result[0] if result else f"{url.hostname} did not answer within {timeout_s:g} s"
+
+
+def check_hub_source(src: SourceConfig, timeout_s: float = 3.0) -> None:
+    """Fail now, in seconds, when a hub source cannot be streamed from here: offline, unreachable, or no
+    such dataset or revision. Nothing to check for local folders and other kinds."""
+    if not is_hub(src):
+        return
+    where = f"source {src.name!r} (hf {src.path!r}, split {src.split!r}, revision {src.revision!r})"
+    down = hub_unreachable(timeout_s)
+    if down:
+        raise SparknetError(f"{where}: the hub is not reachable ({down}) (fix: {HUB_HINT})")
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+        # The probe's timeout again: a firewall may accept the connection and then drop what is sent on it.
+        HfApi().dataset_info(src.path, revision=src.revision, timeout=timeout_s)
+    except GatedRepoError:
+        raise SparknetError(f"{where}: the dataset is gated (fix: accept its terms on the hub and set HF_TOKEN)"
+                            ) from None
+    except RepositoryNotFoundError:
+        raise SparknetError(f"{where}: no such dataset on the hub, or it is private (fix: check "
+                            f"mixture.sources.{src.name}.path, or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SparknetError(f"{where}: the dataset has no revision {src.revision!r} (fix: check "
+                            f"mixture.sources.{src.name}.revision)") from None
+    except Exception as exc:  # timeouts, HTTP errors: the hub did not say yes
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SparknetError(f"{where}: the hub did not answer ({type(exc).__name__}: {msg}) (fix: check your "
+                            f"network and HF_TOKEN; {HUB_HINT})") from None

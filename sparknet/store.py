@@ -1,16 +1,36 @@
 """Content-addressed token store: per source, uint16 shards, a held-out validation slice, a manifest.
 
 Layout (under `<lab>/tokens/<kind>-<key>/`, key = sha256 of the source's identity, the tokenizer's
-fingerprint, the validation size and the shard size):
+fingerprint, the validation size and selection rule, and the shard size):
 
-    manifest.json     source identity, tokenizer, counts, per-file sha256, how many items consumed,
-                      and for a hub dataset the commit it was read at (`source_commit`)
-    val.bin           the first documents of the source, >= val_tokens tokens: never trained on
-    train-00000.bin   the following documents, EOT after each, ~shard_tokens tokens per file
+    manifest.json     source identity, tokenizer, counts, per-file sha256, how many items consumed, the
+                      validation rule and what it selected, how many training documents were dropped as
+                      copies of validation documents, and for a hub dataset the commit it was read at
+    val.bin           the validation documents, EOT after each, in hash order: never trained on
+    val-index.json    their hashes and item positions, so that every later extension still skips them
+                      and drops their copies
+    train-00000.bin   every other document, in source order, EOT after each, ~shard_tokens tokens per file
+
+The validation slice is a seeded sample of whole documents spread over the source, chosen by each
+document's `doc_hash` (salted 64-bit hash of its whitespace-normalized text; uniform, so "small hash" is a
+random draw that is the same on every machine and for every budget):
+- sized sources (local, blog, pydocs), whose whole text is cheap to read: one reading pass (hashing only)
+  keeps the documents of smallest hash; the slice is those, in hash order, up to `val_tokens`, but never
+  more than `val_max_fraction` (10%) of the source's tokens, so a five-post blog is not all validation
+  (a document that would cross that bound is left to training, and the next one is tried).
+- streamed sources (kind hf): no pass over a whole hub dataset, so a fixed rate (`val_stream_rate`, 1%):
+  the documents whose hash is below 1% of the hash space, in stream order, until `val_tokens`. The slice
+  is spread over the first ~val_tokens / 1% tokens of the stream (100M for the default 1M), which a
+  shuffled hub dataset represents; a dataset smaller than that gives ~1% of itself.
+The slice is stored in hash order, so any prefix of it (`eval.val_tokens`) is itself a spread sample.
+Training then reads the source from the start and skips the validation documents by position; a training
+document whose normalized text equals a validation document's is dropped and counted
+(`val_duplicates_dropped`): the slice is disjoint from training by document and by content.
 
 Every file is written to a temporary name, fsynced and renamed, and only then entered in the manifest
 (itself replaced atomically). A run killed at any point leaves a valid store; the next run skips the
-items already consumed and rewrites any shard that was not yet recorded, byte for byte the same.
+items already consumed and rewrites any shard that was not yet recorded, byte for byte the same (a
+killed validation pass starts over: it writes nothing until it is complete).
 The store holds only what the budget needs, and is extended when a later budget needs more: from the
 same dataset commit it was created from, so it never mixes two versions of a moving hub dataset.
 """
@@ -20,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import json
 import os
 import time
@@ -32,20 +53,56 @@ import numpy as np
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
-from sparknet.sources import iter_documents, resolve_hf_commit, source_identity
+from sparknet.sources import HASH_SPACE, VAL_SALT, doc_hash, iter_documents, resolve_hf_commit, source_identity
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec
 
-FORMAT_VERSION = 1
+# 2: validation slices are hash samples spread over the source (1: the first documents), with an index.
+FORMAT_VERSION = 2
+VAL_MAX_FRACTION = 0.10  # sized sources: at most this share of a source's tokens is held out
+VAL_STREAM_RATE = 0.01  # streamed sources: the share of documents eligible for validation
+# Sized sources keep the smallest-hash documents up to val_tokens x this many characters before tokenizing
+# them: text has 3-5 characters per GPT-2 token, so 8 surely holds val_tokens tokens, in bounded memory.
+CANDIDATE_CHARS_PER_TOKEN = 8
+
+
+def val_rule(src: SourceConfig, val_max_fraction: float = VAL_MAX_FRACTION,
+             val_stream_rate: float = VAL_STREAM_RATE) -> dict:
+    """How the validation documents of `src` are selected; part of the store key and the manifest."""
+    common = {"salt": VAL_SALT, "hash": "blake2b-64 of the whitespace-collapsed, stripped text"}
+    if src.kind == "hf":
+        return {"kind": "hash-rate", "rate": val_stream_rate} | common
+    return {"kind": "smallest-hash", "max_fraction": val_max_fraction,
+            "candidate_chars_per_token": CANDIDATE_CHARS_PER_TOKEN} | common
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65_536 else np.dtype(np.uint32)
 
 
-def store_key(src: SourceConfig, tok: Tokenizer, val_tokens: int, shard_tokens: int) -> str:
+def store_key(src: SourceConfig, tok: Tokenizer, val_tokens: int, shard_tokens: int, rule: dict | None = None) -> str:
     blob = json.dumps({"format": FORMAT_VERSION, "source": source_identity(src), "tokenizer": tok.fingerprint,
-                       "val_tokens": val_tokens, "shard_tokens": shard_tokens}, sort_keys=True)
+                       "val_tokens": val_tokens, "val_rule": rule or val_rule(src), "shard_tokens": shard_tokens},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def store_dir(src: SourceConfig, tok: Tokenizer, lab: Path, val_tokens: int, shard_tokens: int,
+              rule: dict | None = None) -> Path:
+    return lab / "tokens" / f"{src.kind}-{store_key(src, tok, val_tokens, shard_tokens, rule)}"
+
+
+def store_complete(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens_needed: int, val_tokens: int,
+                   shard_tokens: int, val_max_fraction: float = VAL_MAX_FRACTION,
+                   val_stream_rate: float = VAL_STREAM_RATE) -> bool:
+    """Whether the store of `src` already serves the budget, so that preparing it reads nothing (no network)."""
+    rule = val_rule(src, val_max_fraction, val_stream_rate)
+    path = store_dir(src, tok, lab, val_tokens, shard_tokens, rule) / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (m.get("format") == FORMAT_VERSION and m.get("val") is not None
+            and (m.get("train_tokens", 0) >= train_tokens_needed or bool(m.get("exhausted"))))
 
 
 def _sha256_file(path: Path) -> str:
@@ -129,10 +186,55 @@ class SourceStore:
         v = self.manifest["val"]
         return TokenArray([self.dir / v["file"]] if v else [], [v["tokens"]] if v else [], self.dtype)
 
+    @property
+    def val_documents(self) -> int:
+        return int(self.manifest["val"]["documents"]) if self.manifest["val"] else 0
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Training documents dropped so far because their normalized text is a validation document's."""
+        return int(self.manifest.get("val_duplicates_dropped", 0))
+
+    def val_index(self) -> dict:
+        """{"hashes": [hex...], "items": [...]} of the validation documents, in val.bin's order."""
+        v = self.manifest["val"]
+        if not v or not v.get("index"):
+            return {"hashes": [], "items": []}
+        return json.loads((self.dir / v["index"]).read_text())
+
+    def describe_val(self) -> str:
+        """How the validation slice was drawn, in words (for the report)."""
+        return describe_val(self.manifest)
+
     def verify(self) -> list[str]:
         """Files whose checksum does not match the manifest (empty when the store is intact)."""
         entries = list(self.manifest["train_shards"]) + ([self.manifest["val"]] if self.manifest["val"] else [])
-        return [e["file"] for e in entries if _sha256_file(self.dir / e["file"]) != e["sha256"]]
+        files = [(e["file"], e["sha256"]) for e in entries]
+        v = self.manifest["val"]
+        if v and v.get("index"):
+            files.append((v["index"], v["index_sha256"]))
+        return [f for f, sha in files if _sha256_file(self.dir / f) != sha]
+
+
+def describe_val(manifest: dict) -> str:
+    """E.g. "1.0% hash sample of the first 4,210 docs streamed: 42 docs" or "42 of 4,210 docs (1.0%) with the
+    smallest hashes, spread over the whole source"."""
+    v, rule = manifest.get("val"), manifest.get("val_rule") or {}
+    if not v:
+        return "not drawn yet"
+    if not v.get("index") and not v["documents"] and not v.get("source_documents"):
+        return "none (mixture.val_tokens is 0)"
+    docs, seen = v["documents"], v.get("source_documents", 0)
+    share = f"{docs / seen:.1%}" if seen else "0%"
+    if rule.get("kind") == "hash-rate":
+        text = (f"{rule['rate']:.1%} hash sample of the first {seen:,} docs streamed: {docs:,} docs"
+                + ("" if v.get("complete") else " (the source ended before val_tokens)"))
+    else:
+        text = f"{docs:,} of {seen:,} docs ({share}) with the smallest hashes, spread over the whole source"
+        if v.get("capped"):
+            text += (f", capped at {rule.get('max_fraction', VAL_MAX_FRACTION):.0%} of its "
+                     f"~{v.get('source_tokens_estimate', 0):,} tokens")
+    return text
 
 
 def open_store(directory: Path) -> SourceStore:
@@ -152,23 +254,28 @@ def open_store(directory: Path) -> SourceStore:
 # ------------------------------------------------------------------------------------- writing
 
 
-def _tokenize_items(spec: TokenizerSpec, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Worker: token ids of each non-empty text followed by EOT, flattened, plus per-item lengths."""
+def _tokenize_items(spec: TokenizerSpec, texts: list[str], salt: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Worker: token ids of each non-empty text followed by EOT, flattened, plus per-item lengths, and
+    with `salt` each item's `doc_hash` (0 for empty items), so that the main process need not hash."""
     tok = from_spec(spec)
     idx = [i for i, t in enumerate(texts) if t and t.strip()]
     lengths = np.zeros(len(texts), dtype=np.int64)
+    hashes = np.zeros(len(texts), dtype=np.uint64) if salt is not None else None
     if not idx:
-        return np.zeros(0, dtype=np.int64), lengths
+        return np.zeros(0, dtype=np.int64), lengths, hashes
     encoded = tok.encode_batch([texts[i] for i in idx])
     for i, ids in zip(idx, encoded):
         lengths[i] = len(ids) + 1
+        if hashes is not None:
+            hashes[i] = doc_hash(texts[i], salt)
     flat = np.empty(int(lengths.sum()), dtype=np.int64)
     pos = 0
     for ids in encoded:
         flat[pos:pos + len(ids)] = ids
         flat[pos + len(ids)] = tok.eot_id
         pos += len(ids) + 1
-    return flat, lengths
+    return flat, lengths, hashes
 
 
 def _batched(it: Iterator[str], size: int, max_bytes: int = 8 << 20) -> Iterator[list[str]]:
@@ -184,12 +291,12 @@ def _batched(it: Iterator[str], size: int, max_bytes: int = 8 << 20) -> Iterator
         yield batch
 
 
-def _tokenized_stream(spec: TokenizerSpec, batches: Iterator[list[str]], workers: int
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(flat tokens, lengths) per batch, in order; at most 2 x workers batches in flight."""
+def _tokenized_stream(spec: TokenizerSpec, batches: Iterator[list[str]], workers: int, salt: str | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(flat tokens, lengths, hashes) per batch, in order; at most 2 x workers batches in flight."""
     if workers <= 1:
         for b in batches:
-            yield _tokenize_items(spec, b)
+            yield _tokenize_items(spec, b, salt)
         return
     import multiprocessing as mp
 
@@ -198,7 +305,7 @@ def _tokenized_stream(spec: TokenizerSpec, batches: Iterator[list[str]], workers
     with ctx.Pool(workers) as pool:
         pending: deque = deque()
         for b in batches:
-            pending.append(pool.apply_async(_tokenize_items, (spec, b)))
+            pending.append(pool.apply_async(_tokenize_items, (spec, b, salt)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -217,7 +324,8 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
-def _fresh_manifest(src: SourceConfig, tok: Tokenizer, key: str, val_target: int, shard_tokens: int) -> dict:
+def _fresh_manifest(src: SourceConfig, tok: Tokenizer, key: str, val_target: int, shard_tokens: int,
+                    rule: dict) -> dict:
     return {
         "format": FORMAT_VERSION,
         "key": key,
@@ -230,44 +338,184 @@ def _fresh_manifest(src: SourceConfig, tok: Tokenizer, key: str, val_target: int
                       "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "dtype": _dtype_for(tok.vocab_size).name,
         "val_target_tokens": val_target,
+        "val_rule": rule,
         "shard_tokens": shard_tokens,
         "val": None,
         "train_shards": [],
         "train_tokens": 0,
         "items_consumed": 0,
         "documents": 0,
+        "val_duplicates_dropped": 0,
         "exhausted": False,
         "created_unix": time.time(),
     }
 
 
+# ------------------------------------------------------------------------------------- validation selection
+
+
+@dataclass
+class _Scan:
+    """The smallest-hash documents of a whole source, with the source's totals."""
+
+    candidates: list[tuple[int, int, str]]  # (hash, item, text), ascending hash, one per distinct text
+    documents: int  # non-empty documents in the source
+    chars: int  # their characters
+
+
+_SCANS: dict[str, _Scan] = {}  # one prepare scans a source for the tokenizer's exclusion, then for its store
+
+
+def _scan_key(src: SourceConfig, cap_chars: int) -> str:
+    return json.dumps([source_identity(src), cap_chars, VAL_SALT], sort_keys=True)
+
+
+def scan_smallest(src: SourceConfig, cap_chars: int, *, revision: str | None = None) -> _Scan:
+    """One reading pass over the whole source (no tokenizing): the documents of smallest hash whose text adds
+    up to >= cap_chars (all of them when the source is smaller), in bounded memory.
+
+    A duplicate text counts once, at its first position; its copies are dropped from training later.
+    """
+    key = _scan_key(src, cap_chars)
+    if key in _SCANS:
+        return _SCANS[key]
+    heap: list[tuple[int, int, str]] = []  # (-hash, item, text): the largest kept hash on top
+    members: set[int] = set()
+    kept = documents = chars = 0
+    for item, text in enumerate(iter_documents(src, revision=revision)):
+        if not text or not text.strip():
+            continue
+        documents += 1
+        chars += len(text)
+        h = doc_hash(text)
+        if h in members or (kept >= cap_chars and h > -heap[0][0]):
+            continue  # a copy of a kept text, or beyond the smallest cap_chars of the hash order
+        heapq.heappush(heap, (-h, item, text))
+        members.add(h)
+        kept += len(text)
+        # Keep the shortest hash-order prefix that reaches cap_chars: drop the largest while the rest still does.
+        while len(heap) > 1 and kept - len(heap[0][2]) >= cap_chars:
+            neg, _, dropped = heapq.heappop(heap)
+            members.discard(-neg)
+            kept -= len(dropped)
+    scan = _Scan(sorted((-neg, item, text) for neg, item, text in heap), documents, chars)
+    if len(_SCANS) >= 8:
+        _SCANS.pop(next(iter(_SCANS)))
+    _SCANS[key] = scan
+    return scan
+
+
+def val_excluder(src: SourceConfig, val_tokens: int, *, val_max_fraction: float = VAL_MAX_FRACTION,
+                 val_stream_rate: float = VAL_STREAM_RATE) -> Callable[[int], bool]:
+    """A predicate on `doc_hash` that is true for every document the store may hold out for validation (a
+    superset: it does not depend on the tokenizer). What trains the tokenizer must pass it."""
+    if val_tokens <= 0:
+        return lambda h: False
+    if val_rule(src, val_max_fraction, val_stream_rate)["kind"] == "hash-rate":
+        below = int(val_stream_rate * HASH_SPACE)
+        return lambda h: h < below
+    scan = scan_smallest(src, val_tokens * CANDIDATE_CHARS_PER_TOKEN)
+    if not scan.candidates:
+        return lambda h: False
+    top = scan.candidates[-1][0]  # the store's slice is drawn from these candidates (the same scan)
+    return lambda h: h <= top
+
+
+def _encode_docs(tok: Tokenizer, texts: list[str], workers: int) -> list[np.ndarray]:
+    """Each text's ids followed by EOT."""
+    out: list[np.ndarray] = []
+    for flat, lengths, _ in _tokenized_stream(tok.spec, _batched(iter(texts), 256), workers):
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        out += [flat[offsets[i]:offsets[i + 1]] for i in range(len(lengths))]
+    return out
+
+
+def _select_smallest(src: SourceConfig, tok: Tokenizer, val_tokens: int, max_fraction: float, workers: int,
+                     revision: str | None) -> tuple[list[tuple[int, int, np.ndarray]], dict]:
+    """Sized sources: the smallest-hash documents up to val_tokens, at most max_fraction of the source's tokens."""
+    cap = val_tokens * CANDIDATE_CHARS_PER_TOKEN
+    scan = scan_smallest(src, cap, revision=revision)
+    _SCANS.pop(_scan_key(src, cap), None)  # used once per prepare: do not hold the texts any longer
+    cand_chars = sum(len(t) for _, _, t in scan.candidates)
+    # Worker processes take a second or two to start: worth it only for a large slice.
+    ids = _encode_docs(tok, [t for _, _, t in scan.candidates], workers if cand_chars > 16 << 20 else 1)
+    cand_tokens = sum(len(a) for a in ids)
+    # Exact when every document is a candidate (a small source); otherwise the candidates are a random sample
+    # of the source, so their tokens per character estimate the whole.
+    est = cand_tokens if len(scan.candidates) == scan.documents else round(scan.chars * cand_tokens / max(cand_chars, 1))
+    bound = int(max_fraction * est)
+    chosen: list[tuple[int, int, np.ndarray]] = []
+    tokens = skipped = 0
+    for (h, item, _), arr in zip(scan.candidates, ids):
+        if tokens >= val_tokens:
+            break
+        if tokens + len(arr) > bound:
+            # Whole documents only: one that would cross the bound is left to training (a source's few
+            # giant documents would otherwise end the slice far short of val_tokens).
+            skipped += 1
+            continue
+        chosen.append((h, item, arr))
+        tokens += len(arr)
+    info = {"source_documents": scan.documents, "source_tokens_estimate": int(est), "bound_tokens": bound,
+            "capped": bool(skipped) and tokens < val_tokens, "complete": tokens >= val_tokens}
+    return chosen, info
+
+
+def _select_stream(src: SourceConfig, tok: Tokenizer, val_tokens: int, rate: float, revision: str | None,
+                   on_tokens: Callable[[int], None] | None = None) -> tuple[list[tuple[int, int, np.ndarray]], dict]:
+    """Streamed sources: the documents with hash < rate, in stream order, until val_tokens (or the end)."""
+    below = int(rate * HASH_SPACE)
+    chosen: list[tuple[int, int, np.ndarray]] = []
+    members: set[int] = set()
+    tokens = seen = items = 0
+    for item, text in enumerate(iter_documents(src, revision=revision)):
+        items = item + 1
+        if not text or not text.strip():
+            continue
+        seen += 1
+        h = doc_hash(text)
+        if h >= below or h in members:
+            continue
+        members.add(h)
+        flat, _, _ = _tokenize_items(tok.spec, [text])  # ~1% of the documents: one at a time is cheap
+        chosen.append((h, item, flat))
+        tokens += len(flat)
+        if on_tokens:  # the window may be 100M tokens of streaming: show it moving
+            on_tokens(len(flat))
+        if tokens >= val_tokens:
+            break  # the window ends here; later documents below the rate are trained on (unless copies)
+    return chosen, {"source_documents": seen, "window_items": items, "complete": tokens >= val_tokens}
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
 def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens_needed: int,
                    val_tokens: int, shard_tokens: int, workers: int = 1, batch_documents: int = 256,
-                   on_tokens: Callable[[int], None] | None = None) -> SourceStore:
+                   on_tokens: Callable[[int], None] | None = None, val_max_fraction: float = VAL_MAX_FRACTION,
+                   val_stream_rate: float = VAL_STREAM_RATE) -> SourceStore:
     """Make sure the store of `src` holds >= `train_tokens_needed` training tokens (or all there is).
 
     Returns at once when it already does. `on_tokens(n)` is called as tokens are written (progress).
     """
-    key = store_key(src, tok, val_tokens, shard_tokens)
+    rule = val_rule(src, val_max_fraction, val_stream_rate)
+    key = store_key(src, tok, val_tokens, shard_tokens, rule)
     directory = lab / "tokens" / f"{src.kind}-{key}"
     with _locked(directory):
         for stale in directory.glob(".*.tmp*"):
             stale.unlink()  # a killed writer's partial file; its content was never recorded
         mpath = directory / "manifest.json"
         manifest = open_store(directory).manifest if mpath.exists() else \
-            _fresh_manifest(src, tok, key, val_tokens, shard_tokens)
+            _fresh_manifest(src, tok, key, val_tokens, shard_tokens, rule)
         manifest["name"] = src.name
         val_done = manifest["val"] is not None
         if val_done and (manifest["train_tokens"] >= train_tokens_needed or manifest["exhausted"]):
             return SourceStore(directory, manifest)
 
         dtype = np.dtype(manifest["dtype"])
-        buf: list[np.ndarray] = []
-        buf_tokens = buf_docs = buf_items = 0
+        revision = manifest.get("source_commit")
 
-        def flush(kind: str) -> None:
-            nonlocal buf, buf_tokens, buf_docs, buf_items
-            arr = np.concatenate(buf) if buf else np.zeros(0, dtype=np.int64)
+        def write_tokens(name: str, arr: np.ndarray) -> dict:
             if len(arr) and not 0 <= int(arr.min()) <= int(arr.max()) <= np.iinfo(dtype).max:
                 # astype would wrap such ids silently: the store would hold other tokens than the text
                 raise SparknetError(
@@ -275,57 +523,85 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
                     f"store's {dtype.name} (vocab_size {tok.vocab_size}) (fix: use a tokenizer whose ids "
                     f"are below its vocabulary size)")
             data = arr.astype(dtype).tobytes()
-            if kind == "val":
-                name = "val.bin"
-            else:
-                name = f"train-{len(manifest['train_shards']):05d}.bin"
             _write_atomic(directory / name, data)
-            entry = {"file": name, "documents": buf_docs, "tokens": int(len(arr)),
-                     "sha256": hashlib.sha256(data).hexdigest()}
-            if kind == "val":
-                manifest["val"] = entry
+            return {"file": name, "tokens": int(len(arr)), "sha256": hashlib.sha256(data).hexdigest()}
+
+        if manifest["val"] is None:
+            # The validation pass: complete before any training shard, and nothing recorded until it is.
+            if val_tokens == 0:
+                chosen, info = [], {"source_documents": 0, "complete": True}
+            elif rule["kind"] == "hash-rate":
+                chosen, info = _select_stream(src, tok, val_tokens, rule["rate"], revision, on_tokens)
             else:
-                manifest["train_shards"].append(entry)
-                manifest["train_tokens"] += int(len(arr))
+                chosen, info = _select_smallest(src, tok, val_tokens, rule["max_fraction"], workers, revision)
+                if on_tokens and chosen:
+                    on_tokens(sum(len(c[2]) for c in chosen))
+            chosen.sort(key=lambda c: c[0])  # hash order: any prefix is a spread sample too
+            arr = np.concatenate([c[2] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64)
+            entry = write_tokens("val.bin", arr) | {"documents": len(chosen)}
+            if val_tokens:
+                index = json.dumps({"salt": rule["salt"], "hashes": [f"{c[0]:016x}" for c in chosen],
+                                    "items": [c[1] for c in chosen]}).encode()
+                _write_atomic(directory / "val-index.json", index)
+                entry |= {"index": "val-index.json", "index_sha256": hashlib.sha256(index).hexdigest()}
+            manifest["val"] = entry | info
+            manifest["documents"] += len(chosen)
+            _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
+            if manifest["train_tokens"] >= train_tokens_needed:
+                return SourceStore(directory, manifest)
+
+        index = SourceStore(directory, manifest).val_index()
+        val_items = set(index["items"])
+        val_hashes = {int(h, 16) for h in index["hashes"]}
+        buf: list[np.ndarray] = []
+        buf_tokens = buf_docs = buf_items = buf_dups = 0
+
+        def flush() -> None:
+            nonlocal buf, buf_tokens, buf_docs, buf_items, buf_dups
+            arr = np.concatenate(buf) if buf else np.zeros(0, dtype=np.int64)
+            entry = write_tokens(f"train-{len(manifest['train_shards']):05d}.bin", arr)
+            manifest["train_shards"].append(entry | {"documents": buf_docs})
+            manifest["train_tokens"] += int(len(arr))
             manifest["items_consumed"] += buf_items
             manifest["documents"] += buf_docs
+            manifest["val_duplicates_dropped"] += buf_dups
             _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
-            buf, buf_tokens, buf_docs, buf_items = [], 0, 0, 0
+            buf, buf_tokens, buf_docs, buf_items, buf_dups = [], 0, 0, 0, 0
 
-        if manifest["val"] is None and val_tokens == 0:
-            flush("val")  # no held-out slice asked for: an empty one
         # .get: stores made before commits were recorded have no such key; they extend as they always did.
-        docs = iter_documents(src, start=manifest["items_consumed"], revision=manifest.get("source_commit"))
+        docs = iter_documents(src, start=manifest["items_consumed"], revision=revision)
+        salt = rule["salt"] if val_hashes else None  # nothing held out: no need to hash
         done = False
-        for flat, lengths in _tokenized_stream(tok.spec, _batched(docs, batch_documents), workers):
+        for flat, lengths, hashes in _tokenized_stream(tok.spec, _batched(docs, batch_documents), workers, salt):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for i, n in enumerate(lengths):
+                item = manifest["items_consumed"] + buf_items
                 buf_items += 1
                 if n == 0:
+                    continue
+                if item in val_items:
+                    continue  # the validation document itself
+                if hashes is not None and int(hashes[i]) in val_hashes:
+                    buf_dups += 1  # the same text as a validation document: training on it would leak
                     continue
                 buf.append(flat[offsets[i]:offsets[i + 1]])
                 buf_tokens += int(n)
                 buf_docs += 1
                 if on_tokens:
                     on_tokens(int(n))
-                if manifest["val"] is None:
-                    if buf_tokens >= val_tokens:
-                        flush("val")
-                elif (buf_tokens >= shard_tokens
-                      or manifest["train_tokens"] + buf_tokens >= train_tokens_needed):
-                    flush("train")
-                if manifest["val"] is not None and manifest["train_tokens"] >= train_tokens_needed:
+                if buf_tokens >= shard_tokens or manifest["train_tokens"] + buf_tokens >= train_tokens_needed:
+                    flush()
+                if manifest["train_tokens"] >= train_tokens_needed:
                     done = True
                     break
             if done:
                 break
         if not done:
             # The source ran out: keep what is left, and remember there is no more.
-            if manifest["val"] is None:
-                flush("val")
-            elif buf:
-                flush("train")
+            if buf:
+                flush()
             manifest["items_consumed"] += buf_items
+            manifest["val_duplicates_dropped"] += buf_dups
             manifest["exhausted"] = True
             _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
         return SourceStore(directory, manifest)

@@ -1,46 +1,89 @@
 """python -m sparknet.sweep: Optuna over the secondary hyperparameters, resumable and multi-machine.
 
-    python -m sparknet.sweep [--mixture M.yaml] [--space experiments/S.yaml] [--trials 20] [--timeout 8h]
-                             [--proxy-tokens 50M] [--study NAME] [--storage URL] [--confirm] [key=value ...]
+    python -m sparknet.sweep [--mixture M.yaml] [--space experiments/S.yaml] [--objective val] [--trials 20]
+                             [--timeout 8h] [--proxy-tokens 50M] [--study NAME] [--storage URL] [--confirm]
+                             [key=value ...]
 
-The only module that imports optuna. Each trial is a `sparknet.run` training at the proxy budget (the same
-cached token stores, schedules scaled by their fractions), reporting the mean held-out loss at
-`eval_points` evaluations so the median pruner can stop bad trials. The first trial is the mixture's own
-config (the baseline). Trailing key=value overrides apply to every trial (e.g. model.preset=cpu-small).
+Built on `sparknet.study`, the Optuna layer it shares with `sparknet.ablate` (the only module importing optuna).
+Each trial is a `sparknet.run` training at the proxy budget (the same cached token stores, schedules scaled by their
+fractions), reporting the objective's intermediate value at
+`eval_points` evaluations so the median pruner can stop bad trials; what is minimized comes from
+`sparknet.objective` (val, val/<source>, wikitext-valid). The first trial is the mixture's own config (the
+baseline). Trailing key=value overrides apply to every trial (e.g. model.preset=cpu-small).
+
+The space is checked whole before anything starts: every bound and choice goes through the config's own
+checks, and the baseline's values must lie inside what is searched. A study remembers what it is (proxy budget,
+objective, space, recipe, overrides): rerunning `--study NAME` with other settings is an error naming the
+difference, not a study that silently mixes two questions.
 
 Exactly N finished trials, with any number of workers: a worker takes a trial only while
 finished + running < N, deciding under a per-study lock (a file lock for SQLite, a PostgreSQL advisory
-lock for a shared database), so two workers never overshoot. A worker killed mid-trial leaves its trial
-RUNNING; its heartbeat stops, and after the grace period any worker (or the same command rerun) marks it
-failed and retries it with the same parameters, resuming the trial's own checkpoints.
+lock for a shared database), so two workers never overshoot. No trial is left RUNNING by anything this process
+sees: an error marks it failed with the reason (never retried: its parameters do not work); Ctrl-C or SIGTERM
+marks it failed and queues it again with the same parameters, so the next run continues its checkpoints. A worker
+killed outright (SIGKILL, a lost machine) stops its heartbeat; after the grace period any worker (or the same
+command rerun) fails and retries the trial the same way. Pruning steps are evaluation indices derived from the
+tokens trained, so a resumed trial reports at the same points as the others. When the study is complete, one
+worker (a study-wide claim, taken under the lock and kept alive by a heartbeat) writes the summary and runs
+`--confirm`; the others say who does.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
 import json
 import math
-import re
+import os
+import shlex
+import socket
 import sys
-import threading
-import time
-import warnings
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sparknet.config import ConfigError, RunConfig, load_config, to_dict
+from sparknet.config import ConfigError, RunConfig, load_config, read_yaml, to_dict
 from sparknet.errors import SparknetError, cli_main
+from sparknet.objective import Objective
+from sparknet.study import (
+    DONE,
+    TrialPruned,
+    Worker,
+    budget_objective_difference,
+    common_identity,
+    complete_trials,
+    counts,
+    create_study,
+    default_storage,
+    enqueue,
+    finished_trials,
+    interrupt_handlers,
+    kind_difference,
+    markdown_table,
+    median_pruner,
+    open_storage,
+    optuna_plots,
+    parse_duration,
+    parse_study_name,
+    quiet_optuna,
+    recipe_difference,
+    redact,
+    signals_deferred,
+    store_identity,
+    study_job,
+    study_lock,
+    tpe_sampler,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MIXTURE = "mixtures/codelion_502030.yaml"
 DEFAULT_SPACE = "experiments/default_space.yaml"
 _SPACE_KEYS = {"objective", "eval_points", "params", "sampler", "pruner"}
+_DIM_FIELDS = ("low", "high", "log", "type", "choices")
+MIN_LR_RATIO = "train.min_lr_ratio"  # a pseudo-key of the space: min_lr = ratio x lr; never written as a config key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,79 +99,173 @@ class Dim:
     integer: bool = False
     choices: tuple = ()
 
+    def spec(self) -> dict[str, Any]:
+        """The dimension as the space file says it (what a study stores and compares)."""
+        if self.choices:
+            return {"choices": list(self.choices)}
+        return {"low": self.low, "high": self.high, "log": self.log, "type": "int" if self.integer else "float"}
+
 
 @dataclass(frozen=True)
 class Space:
     path: str
     dims: tuple[Dim, ...]
-    objective: str = "val/loss"
+    objective: str = "val"  # the space file's default; --objective wins
     eval_points: int = 5
     sampler: dict = field(default_factory=dict)
     pruner: dict = field(default_factory=dict)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two spaces the same question: the dimensions and the pruning points."""
+        return {"params": {d.key: d.spec() for d in self.dims}, "eval_points": self.eval_points}
+
+
+def _field_type(key: str) -> Any:
+    """The Python type of config key `key` (int, float, bool, str, a Literal), or None when it names no field
+    (the config's own check then says so). List items are addressed by name: mixture.sources.<name>.weight."""
+    if key == MIN_LR_RATIO:
+        return float
+    cls: Any = RunConfig
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        hints = typing.get_type_hints(cls)
+        if parts[i] not in hints:
+            return None
+        tp = hints[parts[i]]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            if not hasattr(inner, "__dataclass_fields__"):
+                return None
+            cls, i = inner, i + 2  # skip the item's name
+            continue
+        if hasattr(tp, "__dataclass_fields__"):
+            cls, i = tp, i + 1
+            continue
+        return tp if i == len(parts) - 1 else None
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: 16 == 16.0, but true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
 
 def load_space(path: str | Path, mixture: str | Path, base_overrides: list[str]) -> Space:
     """Read and check a space file; every error names the file and the key, before any trial runs."""
-    where = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise SparknetError(f"{where}: no such space file (fix: pass --space experiments/default_space.yaml "
-                            f"or write one like it)") from None
-    except yaml.YAMLError as exc:
-        raise SparknetError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    from sparknet.run import config_hash
 
-    def fail(key: str, reason: str, fix: str) -> None:
+    where = str(path)
+
+    def fail(key: str, reason: str, fix: str) -> typing.NoReturn:
         raise SparknetError(f"{where}: {key}: {reason} (fix: {fix})")
 
+    if not Path(path).is_file():
+        raise SparknetError(f"{where}: no such space file (fix: pass --space experiments/default_space.yaml "
+                            f"or write one like it)")
+    raw = read_yaml(Path(path))  # a ConfigError naming the file and line for bad YAML or a key given twice
     if not isinstance(raw, dict):
         fail("<top level>", "must be a mapping", "see experiments/default_space.yaml")
     for key in raw:
         if key not in _SPACE_KEYS:
             fail(str(key), "unknown key", f"use one of {', '.join(sorted(_SPACE_KEYS))}")
-    if raw.get("objective", "val/loss") != "val/loss":
-        fail("objective", f"{raw['objective']!r} is not supported", "use val/loss (mean held-out loss)")
+    objective = raw.get("objective", "val")
+    if not isinstance(objective, str):
+        fail("objective", f"must be a name, got {objective!r}", "use val, val/<source> or wikitext-valid")
     eval_points = raw.get("eval_points", 5)
     if not isinstance(eval_points, int) or isinstance(eval_points, bool) or not 1 <= eval_points <= 100:
         fail("eval_points", f"must be an integer in [1, 100], got {eval_points!r}", "use e.g. 5")
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         fail("params", "must map config keys to ranges", "e.g. train.lr: {low: 1e-4, high: 3e-3, log: true}")
+    base = _config_for(mixture, base_overrides, {})
+    base_values = _values_of(base, [str(k) for k in params])
     dims = []
     for key, spec in params.items():
+        key = str(key)
         at = f"params.{key}"
         if not isinstance(spec, dict):
             fail(at, "must be a mapping", "use {low: .., high: ..} or {choices: [..]}")
-        unknown = set(spec) - {"low", "high", "log", "type", "choices", "step"}
+        unknown = [k for k in spec if k not in _DIM_FIELDS]
         if unknown:
-            fail(at, f"unknown field {sorted(unknown)[0]!r}", "use low, high, log, type or choices")
+            fail(at, f"unknown field {unknown[0]!r}", f"use {', '.join(_DIM_FIELDS)} (a grid: choices: [..])")
+        if key == "mixture.total_tokens":
+            fail(at, "is the proxy budget of every trial", "use --proxy-tokens, or search something else")
+        if key == "train.min_lr" and "train.lr" in params:
+            fail(at, "searched together with train.lr, trials would break min_lr <= lr",
+                 f"search {MIN_LR_RATIO} (min_lr = ratio x lr) instead")
+        ftype = _field_type(key)
         if "choices" in spec:
             choices = spec["choices"]
-            if not isinstance(choices, list) or not choices:
-                fail(at, "choices must be a non-empty list", "e.g. choices: [8, 16, 24]")
+            if set(spec) != {"choices"}:
+                fail(at, f"choices cannot be combined with {sorted(set(spec) - {'choices'})[0]}",
+                     "give either choices or low/high")
+            if not isinstance(choices, list) or len(choices) < 2:
+                fail(at, "choices must be a list of at least two values", "e.g. choices: [98304, 122880, 245760]")
+            for c in choices:
+                if not isinstance(c, (str, bool, int, float)) or (isinstance(c, float) and not math.isfinite(c)):
+                    fail(at, f"choice {c!r} is not a number, string or boolean", "list plain values")
+            if len({json.dumps(c) for c in choices}) < len(choices):
+                fail(at, "a choice is listed twice", "list each value once")
             dim = Dim(key, choices=tuple(choices))
-            probe = [choices[0]]
+            probes = list(choices)  # every value, not only the first: any of them may be drawn
         else:
-            try:
-                low, high = float(spec["low"]), float(spec["high"])
-            except (KeyError, TypeError, ValueError):
-                fail(at, "needs numeric low and high", "e.g. {low: 1e-4, high: 3e-3}")
-            if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            low, high = spec.get("low"), spec.get("high")
+            if not (_is_number(low) and _is_number(high)):
+                fail(at, f"needs numeric low and high, got low={low!r} high={high!r}", "e.g. {low: 1e-4, high: 3e-3}")
+            if low >= high:
                 fail(at, f"low {low:g} must be below high {high:g}", "swap or widen the range")
-            log = bool(spec.get("log", False))
+            log = spec.get("log", False)
+            if not isinstance(log, bool):  # YAML's "false" (quoted) is a string, and bool("false") is True
+                fail(at, f"log must be true or false, got {log!r}", "write log: true or log: false, unquoted")
             if log and low <= 0:
                 fail(at, f"a log range needs low > 0, got {low:g}", "use a positive low, e.g. 1e-5")
-            integer = spec.get("type", "float") == "int"
-            if spec.get("type", "float") not in ("int", "float"):
-                fail(at, f"type {spec['type']!r} is not int or float", "use type: int or type: float")
-            dim = Dim(key, low, high, log, integer)
-            probe = [low, high]
+            kind = spec.get("type", "float")
+            if kind not in ("int", "float"):
+                fail(at, f"type {kind!r} is not int or float", "use type: int or type: float")
+            integer = kind == "int"
+            if integer and not (float(low).is_integer() and float(high).is_integer()):
+                fail(at, f"type int needs whole-number bounds, got low={low!r} high={high!r}",
+                     "use whole numbers, or type: float")
+            if ftype is int and not integer:
+                fail(at, "is a whole number in the config, but this range would draw fractions",
+                     "add type: int, or use choices")
+            if ftype is not None and ftype not in (int, float):
+                fail(at, f"is not a number in the config ({getattr(ftype, '__name__', ftype)})", "use choices: [..]")
+            if integer:
+                low, high = int(low), int(high)
+            dim = Dim(key, float(low) if not integer else low, float(high) if not integer else high, log, integer)
+            probes = [low, high]
         # Each value must be one the config accepts: reuse the config's own checks and messages.
-        for value in probe:
+        hashes = set()
+        for value in probes:
             try:
-                _config_for(mixture, base_overrides, {key: value})
+                cfg = _config_for(mixture, base_overrides, {key: value})
             except ConfigError as exc:
                 fail(at, f"value {value!r} is rejected by the config: {exc}", "change the range")
+            hashes.add(config_hash(cfg))
+        if key != MIN_LR_RATIO and len(hashes) < 2:
+            # Left out of the run's identity: where the run lives, how the batch is split, what is logged.
+            fail(at, "does not change what is trained (it is operational, not part of the recipe)",
+                 "search a recipe key, e.g. train.batch_tokens for the global batch")
+        # Trial 0 is the mixture's own config: its values must be ones the study can hold.
+        v = base_values[key]
+        if dim.choices and not any(_same_value(v, c) for c in dim.choices):
+            fail(at, f"the mixture's own value {v!r} (trial 0, the baseline) is not among the choices "
+                 f"{list(dim.choices)}", f"add {v!r} to the choices")
+        if not dim.choices and not (_is_number(v) and dim.low <= v <= dim.high):
+            fail(at, f"the mixture's own value {v!r} (trial 0, the baseline) is outside [{dim.low:g}, {dim.high:g}]",
+                 "widen the range to include it, or change the mixture")
+        if dim.integer and not float(v).is_integer():
+            fail(at, f"the mixture's own value {v!r} (trial 0, the baseline) is not a whole number", "use type: float")
         dims.append(dim)
     sampler, pruner = raw.get("sampler", {}) or {}, raw.get("pruner", {}) or {}
     for name, section, allowed in (("sampler", sampler, {"seed", "n_startup_trials"}),
@@ -138,133 +275,78 @@ def load_space(path: str | Path, mixture: str | Path, base_overrides: list[str])
         for k, v in section.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(f"{name}.{k}", f"must be a non-negative integer, got {v!r}", "use e.g. 3")
-    return Space(str(path), tuple(dims), "val/loss", eval_points, dict(sampler), dict(pruner))
+    return Space(str(path), tuple(dims), objective, eval_points, dict(sampler), dict(pruner))
+
+
+def trial_overrides(mixture: str | Path, base_overrides: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a trial sets on top of the mixture and the user's overrides: its params, with the
+    pseudo-key train.min_lr_ratio turned into train.min_lr, and train.min_lr following a searched train.lr (the
+    recipe's final/peak ratio is kept: CodeLion 5e-5 / 5e-4 = 0.1)."""
+    out = {k: v for k, v in params.items() if k != MIN_LR_RATIO}
+    ratio = params.get(MIN_LR_RATIO)
+    if ratio is None and "train.lr" not in params:
+        return out
+    base = load_config(mixture, list(base_overrides)).train
+    lr = float(params.get("train.lr", base.lr))
+    if ratio is None:
+        if "train.min_lr" in params or lr == base.lr:  # the recipe's own min_lr stands as it is (no rounding)
+            return out
+        ratio = base.min_lr / base.lr
+    out["train.min_lr"] = float(ratio) * lr
+    return out
+
+
+def overrides_args(mapping: dict[str, Any]) -> list[str]:
+    """`key=value` arguments that set each key of `mapping` (as `sparknet.run MIXTURE key=value ...` reads them)."""
+    return [f"{k}={json.dumps(v)}" for k, v in mapping.items()]
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """The user's `key=value` overrides as a mapping, values read as the config reads them (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for text in overrides:
+        key, _, value = text.partition("=")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
 
 
 def _config_for(mixture: str | Path, base_overrides: list[str], params: dict[str, Any],
                 extra: list[str] = ()) -> RunConfig:
     """The run config of a trial: mixture + user overrides + the sweep's settings + the trial's params."""
-    params = dict(params)
-    ratio = params.pop("train.min_lr_ratio", None)
-    overrides = [*base_overrides, *extra, *(f"{k}={json.dumps(v)}" for k, v in params.items())]
-    if ratio is None and "train.lr" in params and "train.min_lr" not in params:
-        # A searched peak LR keeps the recipe's final/peak ratio (CodeLion: 5e-5 / 5e-4 = 0.1).
-        base = load_config(mixture, list(base_overrides)).train
-        ratio = base.min_lr / base.lr
-    if ratio is not None:
-        lr = params["train.lr"] if "train.lr" in params else load_config(mixture, list(base_overrides)).train.lr
-        overrides.append(f"train.min_lr={float(ratio) * float(lr)!r}")
-    return load_config(mixture, overrides)
+    return load_config(mixture, [*base_overrides, *extra,
+                                 *overrides_args(trial_overrides(mixture, base_overrides, params))])
+
+
+_SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.n_positions")  # ModelConfig.shape()'s order
+
+
+def _values_of(cfg: RunConfig, keys: list[str]) -> dict[str, Any]:
+    d = to_dict(cfg)
+    out = {}
+    for key in keys:
+        if key == MIN_LR_RATIO:
+            out[key] = cfg.train.min_lr / cfg.train.lr
+            continue
+        node: Any = d
+        for part in key.split("."):
+            if isinstance(node, list):
+                node = next((x for x in node if isinstance(x, dict) and x.get("name") == part), None)
+            elif isinstance(node, dict):
+                node = node.get(part)
+            else:
+                node = None
+        if node is None and key in _SHAPE_KEYS:  # unset: the preset's value is what the mixture trains
+            node = cfg.model.shape()[_SHAPE_KEYS.index(key)]
+        out[key] = node
+    return out
 
 
 def baseline_params(cfg: RunConfig, space: Space) -> dict[str, Any]:
     """The mixture's own values of the searched keys: the first trial."""
-    d = to_dict(cfg)
-    out = {}
-    for dim in space.dims:
-        if dim.key == "train.min_lr_ratio":
-            out[dim.key] = cfg.train.min_lr / cfg.train.lr
-            continue
-        node: Any = d
-        for part in dim.key.split("."):
-            if isinstance(node, list):
-                node = next(x for x in node if x.get("name") == part)
-            else:
-                node = node[part]
-        out[dim.key] = node
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Storage, lock, study
-
-
-def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
-
-
-@contextlib.contextmanager
-def study_lock(url: str, study: str):
-    """Serialize the decide-and-take step of all workers of one study (and its creation)."""
-    key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///") + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-    elif url.startswith("postgresql"):
-        import sqlalchemy
-
-        engine = _engine(url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    else:  # another database: Optuna's own transactions only (a rare overshoot of one trial is possible)
-        yield
-
-
-_ENGINES: dict = {}
-
-
-def _engine(url: str):
-    import sqlalchemy
-
-    if url not in _ENGINES:
-        _ENGINES[url] = sqlalchemy.create_engine(url, pool_pre_ping=True)
-    return _ENGINES[url]
-
-
-def open_storage(url: str, heartbeat_s: int):
-    import optuna
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with study_lock(url, "__storage__"):  # table creation on a fresh database must not race
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True})
-    except SparknetError:
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise SparknetError(f"--storage {redact(url)}: cannot open the Optuna storage ({first}) (fix: start the "
-                            f"database, e.g. bash lab/postgres.sh, check the URL, or use the default "
-                            f"sqlite:///lab/optuna.db)") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Trials
-
-
-class TrialPruned(Exception):
-    """Raised from the training's evaluation hook; `execute` ends the MLflow run as KILLED / pruned."""
-
-    run_status = "KILLED"
-    state_status = "pruned"
-
-
-def _heartbeat(storage, trial_id: int, every_s: float) -> threading.Event:
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(every_s):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # the database blinked: the next beat retries
-                pass
-
-    storage.record_heartbeat(trial_id)
-    threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}").start()
-    return stop
+    return _values_of(cfg, [d.key for d in space.dims])
 
 
 def suggest(trial, space: Space) -> dict[str, Any]:
@@ -279,8 +361,12 @@ def suggest(trial, space: Space) -> dict[str, Any]:
     return out
 
 
+def _pretty(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 @dataclass
-class Sweep:
+class Sweep(Worker):
     mixture: str
     space: Space
     base_overrides: list[str]
@@ -291,102 +377,117 @@ class Sweep:
     timeout_s: float | None
     heartbeat_s: int
     progress: bool = False
+    objective: Objective | None = None
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    requeue_keep = ("baseline", "val_loss_by_eval")
+
+    def __post_init__(self):
+        if self.objective is None:
+            base = load_config(self.mixture, list(self.base_overrides))
+            self.objective = Objective.parse(self.space.objective, [s.name for s in base.mixture.sources])
 
     def trial_extra(self) -> list[str]:
         every = max(1, self.proxy_tokens // self.space.eval_points)
         return [f"mixture.total_tokens={self.proxy_tokens}", f"eval.every_tokens={every}", "eval.wikitext=[]",
                 f"tracking.experiment={self.study_name}"]
 
-    def run_trial(self, study, trial, parent_run_id: str | None) -> None:
-        """Train one trial and tell the study how it ended (complete, pruned with a reason, or failed)."""
-        import optuna
+    def trial_config(self, params: dict[str, Any], origin: int) -> RunConfig:
+        # One run folder (and MLflow child run) per trial; a retried trial continues its original's run.
+        return _config_for(self.mixture, self.base_overrides, params,
+                           [*self.trial_extra(), f"name={self.study_name[:48]}-t{origin}"])
 
-        from sparknet.run import execute
-        from sparknet.train import Diverged
+    # -- the shared worker's hooks (sparknet.study.Worker) ---------------------------------------
 
+    def take(self, study):
+        """A new trial while finished + running < N (a queued one first: the baseline, a retry), else wait."""
+        c = counts(study)
+        finished = c["COMPLETE"] + c["PRUNED"]
+        if finished >= self.n_trials:
+            return DONE
+        if finished + c["RUNNING"] >= self.n_trials:
+            return None
+        # Reseed by the trial count: reproducible for one worker, and two workers (same seed) never draw the same
+        # "random" startup trial.
+        study.sampler = make_sampler(self.space, sum(c.values()))
+        return study.ask()
+
+    def setup_trial(self, study, trial, frozen, origin: int) -> RunConfig:
         params = suggest(trial, self.space)
-        # One run folder (and MLflow child run) per trial; a retried trial continues its original's run,
-        # checkpoints included.
-        origin = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial", trial.number)
-        cfg = _config_for(self.mixture, self.base_overrides, params,
-                          [*self.trial_extra(), f"name={self.study_name[:48]}-t{origin}"])
-        reports = []
+        print(f"trial {trial.number}: {_pretty(params)}" + (f" (retry of trial {origin})" if origin != trial.number
+                                                             else ""), flush=True)
+        return self.trial_config(params, origin)
 
-        def on_eval(tokens: int, val: dict[str, float]) -> None:
-            value = float(sum(val.values()) / len(val))
-            if tokens >= cfg.mixture.total_tokens:  # the final evaluation is the result, not a report
-                return
-            # Step = the evaluation's index: the same points in every trial (same proxy budget and cadence).
-            trial.report(value, step=len(reports))
-            reports.append(value)
-            if trial.should_prune():
-                raise TrialPruned(f"pruned at {tokens:,} tokens: val/loss {value:.4f} is worse than the median of "
-                                  f"earlier trials at this point")
+    def report(self, trial, index: int, tokens: int, val: dict[str, float]) -> None:
+        value = self.objective.intermediate(val)
+        trial.report(value, step=index)
+        if trial.should_prune():
+            raise TrialPruned(f"pruned at {tokens:,} tokens: {self.objective.intermediate_metric} {value:.4f} is "
+                              f"worse than the median of earlier trials at this point")
 
-        started = time.perf_counter()
-        tags = {"sparknet.study": self.study_name, "sparknet.trial": str(trial.number)}
-        print(f"trial {trial.number}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}",
-              flush=True)
-        try:
-            out = execute(cfg, progress=self.progress, parent_run_id=parent_run_id, on_eval=on_eval, extra_tags=tags)
-        except TrialPruned as exc:
-            trial.set_user_attr("reason", str(exc))
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            print(f"trial {trial.number}: {exc}", flush=True)
-            return
-        except Diverged as exc:  # a bad config is a result: recorded, and the sweep goes on
-            trial.set_user_attr("reason", str(exc))
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            print(f"trial {trial.number}: {exc}", flush=True)
-            return
-        except BaseException as exc:
-            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:1000])
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        val = out.result["val_loss"]
-        value = float(sum(val.values()) / len(val))
-        trial.set_user_attr("mlflow_run_id", out.mlflow_run_id or "")
-        trial.set_user_attr("run_dir", str(out.run_dir))
-        trial.set_user_attr("seconds", out.result["seconds"])  # training (steps, evaluations, checkpoints)
-        trial.set_user_attr("wall_seconds", time.perf_counter() - started)  # everything, setup and logging too
-        study.tell(trial, value)
-        print(f"trial {trial.number}: val/loss {value:.4f}", flush=True)
-
-
-def _counts(study) -> dict[str, int]:
-    from collections import Counter
-
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    def unbuildable_fix(self) -> str:
+        return f"narrow {self.space.path} so that every combination is a valid config"
 
 
 def make_sampler(space: Space, offset: int):
-    import optuna
+    return tpe_sampler(space.sampler.get("seed", 42) + offset, space.sampler.get("n_startup_trials", 5))
 
-    return optuna.samplers.TPESampler(seed=space.sampler.get("seed", 42) + offset,
-                                      n_startup_trials=space.sampler.get("n_startup_trials", 5))
+
+# ---------------------------------------------------------------------------------------------
+# What a study is: stored once, compared on every later run
+
+
+def study_identity(sweep: Sweep, base: RunConfig) -> dict[str, Any]:
+    """The study user attrs that say what the study is (compared: proxy_tokens, objective, space, recipe,
+    objective_data; for the record: mixture path and hash, overrides, model)."""
+    ident = common_identity("sweep", sweep.proxy_tokens, sweep.objective, base, sweep.mixture, sweep.base_overrides)
+    return ident | {"sparknet.space": sweep.space.identity()}
+
+
+def identity_difference(stored: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first way `now` differs from what the study stored, in words; None when it is the same study."""
+    def short(v: Any) -> str:
+        return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+    diff = kind_difference(stored, now) or budget_objective_difference(stored, now)
+    if diff:
+        return diff
+    old_space = stored.get("sparknet.space")
+    if isinstance(old_space, list):  # studies from before the space was stored whole kept only its keys
+        old_space = {"params": {k: None for k in old_space}}
+    if old_space is not None:
+        new_space = now["sparknet.space"]
+        old_p, new_p = old_space.get("params", {}), new_space["params"]
+        for key in [*old_p, *(k for k in new_p if k not in old_p)]:
+            if key not in new_p:
+                return f"its space searches {key}, this space does not (--space)"
+            if key not in old_p:
+                return f"this space searches {key}, the study's does not (--space)"
+            if old_p[key] is not None and old_p[key] != new_p[key]:
+                return f"its space has {key}: {short(old_p[key])}, this space has {short(new_p[key])} (--space)"
+        if "eval_points" in old_space and old_space["eval_points"] != new_space["eval_points"]:
+            return (f"its space has eval_points: {old_space['eval_points']}, this space has "
+                    f"{new_space['eval_points']} (--space)")
+    return recipe_difference(stored, now)
 
 
 def create_or_load(sweep: Sweep, storage, lab: Path):
-    """The study (created once, under the lock), with the baseline enqueued and the MLflow parent run."""
-    import optuna
-
+    """The study (created once, under the lock): checked against what it was created as, with the baseline
+    enqueued and the MLflow parent run."""
     space = sweep.space
     sampler = make_sampler(space, 0)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=space.pruner.get("n_startup_trials", 3),
-                                         n_warmup_steps=space.pruner.get("n_warmup_steps", 1))
-    with study_lock(sweep.storage_url, sweep.study_name):
-        study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction="minimize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=True)
-        attrs = study.user_attrs
-        if "sparknet.space" in attrs and attrs["sparknet.space"] != [d.key for d in space.dims]:
-            raise SparknetError(f"--study {sweep.study_name}: exists with parameters {attrs['sparknet.space']} "
-                                f"(fix: use another --study name for this space)")
+    pruner = median_pruner(space.pruner.get("n_startup_trials", 3), space.pruner.get("n_warmup_steps", 1))
+    base = _config_for(sweep.mixture, sweep.base_overrides, {})
+    identity = study_identity(sweep, base)
+    with signals_deferred(), study_lock(sweep.storage_url, sweep.study_name):
+        study = create_study(sweep.study_name, storage, sampler, pruner)
+        diff = identity_difference(study.user_attrs, identity)
+        if diff:
+            raise SparknetError(f"--study {sweep.study_name}: {diff} (fix: rerun with the study's settings, or "
+                                f"start another study with --study NAME)")
         if not study.trials:
-            base = _config_for(sweep.mixture, sweep.base_overrides, {})
-            study.enqueue_trial(baseline_params(base, space), user_attrs={"baseline": True})
-            study.set_user_attr("sparknet.space", [d.key for d in space.dims])
-            study.set_user_attr("sparknet.proxy_tokens", sweep.proxy_tokens)
-            study.set_user_attr("sparknet.mixture", str(sweep.mixture))
+            enqueue(study, baseline_params(base, space), {"baseline": True})
+        store_identity(study, identity)
         if "mlflow_parent_run_id" not in study.user_attrs:
             study.set_user_attr("mlflow_parent_run_id", _start_parent(sweep, lab))
     return study
@@ -410,8 +511,9 @@ def _start_parent(sweep: Sweep, lab: Path) -> str | None:
     params = {"study": sweep.study_name, "storage": redact(sweep.storage_url), "trials": str(sweep.n_trials),
               "proxy_tokens": str(sweep.proxy_tokens), "space": str(sweep.space.path),
               "space.params": ",".join(d.key for d in sweep.space.dims), "mixture": str(sweep.mixture),
-              "sampler.seed": str(sweep.space.sampler.get("seed", 42))}
-    return tracker.start(params, {"sparknet.study": sweep.study_name, "sparknet.kind": "sweep"},
+              "objective": sweep.objective.name, "sampler.seed": str(sweep.space.sampler.get("seed", 42))}
+    return tracker.start(params, {"sparknet.study": sweep.study_name, "sparknet.kind": "sweep",
+                                  "sparknet.objective": sweep.objective.name},
                          run_name=f"sweep {sweep.study_name}")
 
 
@@ -421,70 +523,83 @@ def _sweep_dir(lab: Path, study: str) -> Path:
     return d
 
 
-def work(sweep: Sweep, study, storage, poll_s: float = 2.0) -> None:
-    """Take trials until the study has `n_trials` finished ones (or the timeout passes)."""
-    import optuna
-
-    deadline = time.time() + sweep.timeout_s if sweep.timeout_s else math.inf
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    while time.time() < deadline:
-        with study_lock(sweep.storage_url, sweep.study_name):
-            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: failed, then retried
-            c = _counts(study)
-            finished = c["COMPLETE"] + c["PRUNED"]
-            if finished >= sweep.n_trials:
-                return
-            trial = None
-            if finished + c["RUNNING"] < sweep.n_trials:
-                # Reseed by the trial count: reproducible for one worker, and two workers (same seed)
-                # never draw the same "random" startup trial.
-                study.sampler = make_sampler(sweep.space, sum(c.values()))
-                trial = study.ask()
-        if trial is None:  # the last trials are running elsewhere: wait for them (they may die)
-            time.sleep(poll_s)
-            continue
-        stop = _heartbeat(storage, trial._trial_id, max(1.0, sweep.heartbeat_s / 2))
-        try:
-            sweep.run_trial(study, trial, parent)
-        finally:
-            stop.set()
-    print(f"timeout: stopping after {sweep.timeout_s:.0f} s; rerun the same command to continue", flush=True)
+def work(sweep: Sweep, study, storage, poll_s: float = 2.0) -> bool:
+    """Take trials until the study has `n_trials` finished ones (True) or the timeout passes (False)."""
+    return sweep.work(study, storage, poll_s)
 
 
 # ---------------------------------------------------------------------------------------------
-# The end: summary, best config, plots, MLflow parent
+# The end, once per study: summary, best config, plots, MLflow parent, --confirm
 
 
-def summary_frame(study):
+def conclude(sweep: Sweep, study, lab: Path, confirm: bool) -> dict | None:
+    """The study is complete: the summary (and --confirm) by exactly one worker; the others say who."""
+    finished = len(finished_trials(study))
+    summary = None
+    with study_job(sweep, study, "summary", finished) as state:
+        if state == "mine":
+            summary = finish(sweep, study, lab)
+        else:
+            who = study.user_attrs.get("sparknet.job.summary", {}).get("by", "?")
+            print(f"study {sweep.study_name}: {finished} trials finished; the summary in "
+                  f"experiments/{sweep.study_name}/ " + ("was written by " if state == "done" else "is being written by ")
+                  + (who if state == "done" else state), flush=True)
+    if not confirm or not complete_trials(study):
+        return summary
+    best = study.best_trial
+    with study_job(sweep, study, "confirm", best.number) as state:
+        if state != "mine":
+            print(f"--confirm: trial {best.number}'s full-budget run " + ("was done by another worker" if state == "done"
+                                                                          else f"is being trained by {state}"), flush=True)
+            return summary
+        from sparknet.run import execute
+
+        # best.yaml's config, recorded in the study's MLflow experiment next to its parent run.
+        full = _config_for(sweep.mixture, sweep.base_overrides, best.params,
+                           [f"tracking.experiment={sweep.study_name}"])
+        print(f"confirming trial {best.number}'s config at the full budget ({full.mixture.total_tokens:,} tokens)",
+              flush=True)
+        tags = {"sparknet.study": sweep.study_name, "sparknet.confirm": "true",
+                "sparknet.objective": sweep.objective.name}
+        if sweep.objective.tuned_on:  # its WikiText-2 validation figures were selected on: tables mark them
+            tags["sparknet.tuned_on"] = sweep.objective.tuned_on
+        out = execute(full, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), extra_tags=tags)
+        if summary is not None:
+            summary["confirm"] = out.result
+        return summary
+
+
+def summary_frame(study, objective: Objective):
     import pandas as pd
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name, "val_loss": t.value,
+        retry = t.system_attrs.get("failed_trial")
+        note = t.user_attrs.get("reason", "") or (f"retry of trial {retry}" if retry is not None else "")
+        rows.append({"trial": t.number, "state": t.state.name, objective.metric: t.value,
                      **{k: v for k, v in t.params.items()},
                      "baseline": bool(t.user_attrs.get("baseline")),
                      "seconds": t.user_attrs.get("seconds"),
-                     "note": t.user_attrs.get("reason", "")[:70]})
+                     "note": note[:70]})
     df = pd.DataFrame(rows)
-    return df.sort_values(["val_loss", "trial"], na_position="last").reset_index(drop=True) if len(df) else df
+    return df.sort_values([objective.metric, "trial"], na_position="last").reset_index(drop=True) if len(df) else df
 
 
-def markdown_table(df) -> str:
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+def command_line(sweep: Sweep) -> str:
+    """The command that reruns (continues) this study."""
+    parts = ["python", "-m", "sparknet.sweep", "--mixture", str(sweep.mixture), "--space", str(sweep.space.path),
+             "--objective", sweep.objective.name, "--trials", str(sweep.n_trials), "--proxy-tokens",
+             str(sweep.proxy_tokens), "--study", sweep.study_name, "--storage", redact(sweep.storage_url),
+             *sweep.base_overrides]
+    return " ".join(shlex.quote(p) for p in parts)
 
-    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns)
-    return head + "".join("\n| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False))
 
-
-def finish(sweep: Sweep, study, lab: Path, confirm: bool) -> dict:
+def finish(sweep: Sweep, study, lab: Path) -> dict:
     """Print the table, write experiments/<study>/ (best config, summary, plots), close the parent run."""
-    import optuna
-
-    df = summary_frame(study)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    objective = sweep.objective
+    metric = objective.metric
+    df = summary_frame(study, objective)
+    done = complete_trials(study)
     if not done:
         raise SparknetError(f"study {sweep.study_name}: no trial completed (fix: widen the space or raise "
                             f"--proxy-tokens; see the trials' notes with --trials {sweep.n_trials})")
@@ -498,69 +613,46 @@ def finish(sweep: Sweep, study, lab: Path, confirm: bool) -> dict:
         print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     if baseline is not None:
         gain = baseline.value - best.value
-        print(f"best: trial {best.number} val/loss {best.value:.4f}; baseline (trial {baseline.number}) "
-              f"{baseline.value:.4f}: {gain:+.4f} nats ({gain / baseline.value:+.2%})")
+        print(f"best: trial {best.number} {metric} {best.value:.4f}; baseline (trial {baseline.number}) "
+              f"{baseline.value:.4f}: {gain:+.4f} {objective.unit} ({gain / baseline.value:+.2%})")
     full = _config_for(sweep.mixture, sweep.base_overrides, best.params)
-    overrides = {k: v for k, v in best.params.items()}
+    # Real config keys only (train.min_lr, never the pseudo-key min_lr_ratio), the user's overrides included:
+    # applied to the mixture they give exactly best.yaml.
+    overrides = _parse_overrides(sweep.base_overrides) | trial_overrides(sweep.mixture, sweep.base_overrides,
+                                                                         best.params)
+    tuned = (f"# Its {objective.tuned_on} figures are tuned (the study selected on them): report the test split.\n"
+             if objective.tuned_on else "")
     (out_dir / "best_overrides.yaml").write_text(
-        f"# best trial {best.number} of study {sweep.study_name}: val/loss {best.value:.4f} at {sweep.proxy_tokens:,} "
-        f"tokens\n" + yaml.safe_dump(overrides, sort_keys=True))
+        f"# Best trial {best.number} of study {sweep.study_name}: {metric} {best.value:.4f} at "
+        f"{sweep.proxy_tokens:,} tokens.\n# The keys that turn {sweep.mixture} into best.yaml:\n"
+        f"#   python -m sparknet.run {shlex.quote(str(sweep.mixture))} "
+        f"{' '.join(shlex.quote(a) for a in overrides_args(overrides))}\n" + tuned
+        + yaml.safe_dump(overrides, sort_keys=True))
     (out_dir / "best.yaml").write_text(
-        f"# The best config of study {sweep.study_name} at the mixture's full budget.\n"
-        f"# Train it: python -m sparknet.run {out_dir / 'best.yaml'}\n"
-        + yaml.safe_dump({k: v for k, v in to_dict(full).items()}, sort_keys=False))
+        f"# The best config of study {sweep.study_name} ({metric}) at the mixture's full budget.\n"
+        f"# Train it: python -m sparknet.run {out_dir / 'best.yaml'}\n" + tuned
+        + yaml.safe_dump(to_dict(full), sort_keys=False))
     df.to_csv(out_dir / "trials.csv", index=False)
+    wik = study.user_attrs.get("sparknet.objective_data") or {}
     (out_dir / "README.md").write_text(
         f"# Sweep {sweep.study_name}\n\nQuestion: best {', '.join(d.key for d in sweep.space.dims)} for "
-        f"`{sweep.mixture}` at a {sweep.proxy_tokens:,}-token proxy budget.\n\n"
-        f"Command: `python -m sparknet.sweep --mixture {sweep.mixture} --space {sweep.space.path} --trials "
-        f"{sweep.n_trials} --proxy-tokens {sweep.proxy_tokens} --study {sweep.study_name} --storage "
-        f"{redact(sweep.storage_url)}{' ' + ' '.join(sweep.base_overrides) if sweep.base_overrides else ''}`\n\n"
+        f"`{sweep.mixture}` at a {sweep.proxy_tokens:,}-token proxy budget, minimizing {metric} "
+        f"({objective.unit}"
+        + (f"; pruned on {objective.intermediate_metric}" if objective.intermediate_metric != metric else "")
+        + (f"; WikiText-2 validation text sha256 {wik.get('sha256', '')[:12]}, tuned on" if objective.tuned_on else "")
+        + ").\n\n"
+        f"Command: `{command_line(sweep)}`\n\n"
         f"MLflow experiment: `{sweep.study_name}` (parent run {study.user_attrs.get('mlflow_parent_run_id')}).\n\n"
         + markdown_table(df) + "\n\n"
-        + (f"Best: trial {best.number}, val/loss {best.value:.4f}"
-           + (f"; baseline {baseline.value:.4f} ({baseline.value - best.value:+.4f} nats)." if baseline else ".")
+        + (f"Best: trial {best.number}, {metric} {best.value:.4f}"
+           + (f"; baseline {baseline.value:.4f} ({baseline.value - best.value:+.4f} {objective.unit})." if baseline
+              else ".")
            + " Full-budget config: `best.yaml`.\n"))
-    plots = _plots(study, out_dir)
+    plots = optuna_plots(study, out_dir, metric)
     _close_parent(sweep, study, lab, out_dir, plots, best, baseline)
-    summary = {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
-               "baseline_value": baseline.value if baseline else None, "dir": str(out_dir)}
-    if confirm:
-        from sparknet.run import execute
-
-        print(f"confirming trial {best.number}'s config at the full budget ({full.mixture.total_tokens:,} tokens)")
-        out = execute(full, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"),
-                      extra_tags={"sparknet.study": sweep.study_name, "sparknet.confirm": "true"})
-        summary["confirm"] = out.result
-    return summary
-
-
-def _plots(study, out_dir: Path) -> list[Path]:
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    made = []
-    for name, fn in (("optimization_history", ovm.plot_optimization_history),
-                     ("param_importances", ovm.plot_param_importances),
-                     ("parallel_coordinate", ovm.plot_parallel_coordinate)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}.png", dpi=100)
-            plt.close(fig)
-            made.append(out_dir / f"{name}.png")
-        except Exception as exc:  # e.g. importances need >= 2 complete trials with varying params
-            print(f"note: no {name} plot ({type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
-    return made
+    print(f"wrote {out_dir}/ (best.yaml, best_overrides.yaml, trials.csv, README.md, plots)", flush=True)
+    return {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
+            "baseline_value": baseline.value if baseline else None, "dir": str(out_dir)}
 
 
 def _close_parent(sweep: Sweep, study, lab: Path, out_dir: Path, plots: list[Path], best, baseline) -> None:
@@ -569,48 +661,49 @@ def _close_parent(sweep: Sweep, study, lab: Path, out_dir: Path, plots: list[Pat
     if tracker is None:
         return
     tracker.start({}, {}, run_name="", resume_run_id=run_id)
-    c = _counts(study)
-    tracker.log_metrics({"best_val_loss": best.value, "trials_complete": c["COMPLETE"],
+    c = counts(study)
+    tracker.log_metrics({"best_value": best.value, "trials_complete": c["COMPLETE"],
                          "trials_pruned": c["PRUNED"], "trials_failed": c["FAIL"]}
-                        | ({"baseline_val_loss": baseline.value} if baseline else {}), len(study.trials))
+                        | ({"baseline_value": baseline.value} if baseline else {}), len(study.trials))
     for p in [*plots, out_dir / "trials.csv", out_dir / "best.yaml", out_dir / "best_overrides.yaml",
               out_dir / "README.md"]:
         tracker.log_artifact(p)
-    tracker.set_tags({"sparknet.best_trial": str(best.number)})
+    tracker.set_tags({"sparknet.best_trial": str(best.number), "sparknet.objective": sweep.objective.name,
+                      "sparknet.objective_metric": sweep.objective.metric})
     tracker.end("FINISHED")
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_duration(text: str | None) -> float | None:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m:
-        raise SparknetError(f"--timeout: {text!r} is not a duration (fix: use e.g. 8h, 30m, 90s)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from sparknet.config import parse_tokens
 
-    ap = argparse.ArgumentParser(prog="python -m sparknet.sweep", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sparknet.sweep", description=__doc__.split("\n")[0],
+                                 epilog="Ctrl-C or SIGTERM: the running trial is queued again and continues its "
+                                        "checkpoints on the next run (exit 130).")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
     ap.add_argument("--mixture", default=DEFAULT_MIXTURE, help=f"mixture YAML (default {DEFAULT_MIXTURE})")
     ap.add_argument("--space", default=DEFAULT_SPACE, help=f"search space YAML (default {DEFAULT_SPACE})")
+    ap.add_argument("--objective", default=None,
+                    help="what to minimize: val (mean held-out loss over the sources), val/<source>, or "
+                         "wikitext-valid (WikiText-2 validation bits per byte of the final model; pruned on val) "
+                         "(default: the space's objective, else val)")
     ap.add_argument("--trials", type=int, default=20, help="finished trials the study should end with (default 20)")
     ap.add_argument("--timeout", default=None, help="stop taking trials after this long, e.g. 8h (default: none)")
     ap.add_argument("--proxy-tokens", default="50M", help="training tokens per trial (default 50M)")
-    ap.add_argument("--study", default=None, help="study name (default: <mixture>-<space>)")
+    ap.add_argument("--study", default=None,
+                    help="study name (default: <mixture>-<space>); a study keeps its budget, objective, space and "
+                         "recipe: reusing the name with others is an error")
     ap.add_argument("--storage", default=None,
                     help="SQLAlchemy URL (default sqlite:///<lab>/optuna.db; postgresql://... for several machines)")
     ap.add_argument("--heartbeat", type=int, default=60,
                     help="seconds between trial heartbeats; a trial silent for twice this is failed and retried")
-    ap.add_argument("--confirm", action="store_true", help="then train the best config at the full budget")
+    ap.add_argument("--confirm", action="store_true",
+                    help="then train the best config at the full budget (one worker of the study does it)")
     ap.add_argument("--progress", action="store_true", help="progress bars for each trial")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.trials < 1:
         raise SparknetError(f"--trials: must be >= 1, got {args.trials}")
     if args.heartbeat < 1:
@@ -628,31 +721,29 @@ def main(argv: list[str] | None = None) -> int:
         args.space = str(ROOT / DEFAULT_SPACE)
     base = load_config(mixture, args.overrides)  # bad mixture/overrides fail here, before anything starts
     space = load_space(args.space, mixture, args.overrides)
+    names = [s.name for s in base.mixture.sources]
+    try:
+        objective = Objective.parse(args.objective or space.objective, names)
+    except SparknetError as exc:
+        raise SparknetError(f"{'--objective' if args.objective else f'{space.path}: objective'}: {exc}") from None
     lab = base.lab_path
-    study_name = args.study or f"{base.name}-{Path(args.space).stem}"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", study_name):
-        raise SparknetError(f"--study: {study_name!r} is not a safe name (fix: letters, digits, '.', '_', '-')")
-    url = args.storage or f"sqlite:///{(lab / 'optuna.db').resolve()}"
+    study_name = parse_study_name(args.study or f"{base.name}-{Path(args.space).stem}")
+    url = args.storage or default_storage(lab)
     sweep = Sweep(mixture, space, list(args.overrides), args.trials, proxy, study_name, url, timeout,
-                  args.heartbeat, args.progress)
-    import logging
-
-    import optuna
-
-    optuna.logging.set_verbosity(logging.WARNING)
-    # We drive heartbeats ourselves (ask/tell under a lock, not Study.optimize), deliberately.
-    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = open_storage(url, args.heartbeat)
-    study = create_or_load(sweep, storage, lab)
-    c = _counts(study)
-    print(f"study {study_name} at {redact(url)}: {c['COMPLETE'] + c['PRUNED']} of {args.trials} trials finished, "
-          f"{c['RUNNING']} running; proxy budget {proxy:,} tokens", flush=True)
-    work(sweep, study, storage)
-    c = _counts(study)
-    if c["COMPLETE"] + c["PRUNED"] < args.trials:
-        return 0  # timed out: the rerun continues
-    finish(sweep, study, lab, args.confirm)
+                  args.heartbeat, args.progress, objective)
+    # Before any trial trains: WikiText-2 validation must be readable if it is the objective.
+    objective.check(sweep.trial_config({}, 0))
+    quiet_optuna()
+    with interrupt_handlers():
+        storage = open_storage(url, args.heartbeat)
+        study = create_or_load(sweep, storage, lab)
+        c = counts(study)
+        print(f"study {study_name} at {redact(url)}: {c['COMPLETE'] + c['PRUNED']} of {args.trials} trials finished, "
+              f"{c['RUNNING']} running; minimizing {objective.metric} at a proxy budget of {proxy:,} tokens",
+              flush=True)
+        if not sweep.work(study, storage):
+            return 0  # timed out: the rerun continues
+        conclude(sweep, study, lab, args.confirm)
     return 0
 
 

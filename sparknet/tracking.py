@@ -5,6 +5,12 @@ the tracking server goes away mid-run, training goes on: the tracker says so onc
 retries every `RETRY_S` seconds and sends it when the server is back. Nothing is lost locally, and a
 run on the embedded SQLite store never needs a server at all.
 
+No run is left RUNNING for good: if the server is down as a run ends, the end-of-run calls (the last metrics,
+tags, artifacts, the final status) retry with backoff for `END_RETRY_S`, and what still has not arrived is
+recorded in the run folder (`mlflow_pending.json`: the metrics.jsonl offset of the backlog, the tags, the files,
+the status and the true end time). `replay_pending` sends it and closes the MLflow run with that status; the next
+`sparknet.run` of the same config and every `sparknet.compare` call it.
+
 Default store: `sqlite:///<lab>/mlflow.db` with artifacts in `<lab>/mlartifacts` (open it with
 `mlflow ui --backend-store-uri sqlite:///lab/mlflow.db`). `MLFLOW_TRACKING_URI` or `tracking.uri`
 point elsewhere, e.g. the shared server started by `lab/mlflow_server.sh`.
@@ -22,6 +28,12 @@ from typing import Any
 from sparknet.errors import SparknetError
 
 RETRY_S = 30.0
+# How long the end of a run keeps retrying a server that is down (backoff 1, 2, 4, ... s between tries): long
+# enough to ride out a server restart, short enough that a sweep's next trial is not held up for minutes. What
+# still has not arrived then waits in the run folder (PENDING) until the next `sparknet.run` of the same config or
+# `sparknet.compare` sends it.
+END_RETRY_S = 60.0
+PENDING = "mlflow_pending.json"  # in the run folder: what MLflow has not received yet, and how the run ended
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = 500  # metrics per log_batch call (MLflow accepts up to 1000)
 
@@ -69,10 +81,20 @@ class NullTracker:
               resume_run_id: str | None = None) -> str | None:
         return None
 
+    def _append_local(self, metrics: dict[str, float], step: int) -> tuple[float, int]:
+        """Append one line; (its time, its byte offset in metrics.jsonl). The MLflow copy of these values carries the
+        same timestamp, so a later replay of the line sends exactly the entities MLflow may already hold, and MLflow
+        drops such duplicates."""
+        t = time.time()
+        if self.local is None:
+            return t, 0
+        with open(self.local, "a") as f:
+            offset = f.tell()
+            f.write(json.dumps({"step": step, "time": t, **metrics}) + "\n")
+        return t, offset
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.local is not None:
-            with open(self.local, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self._append_local(metrics, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
@@ -85,10 +107,17 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """One MLflow run (new, or the one a resumed run started), robust to the server going away."""
+    """One MLflow run (new, or the one a resumed run started), robust to the server going away.
+
+    What could not be sent (metric values, tags, artifacts, and at the end the run's final status) is kept: in
+    memory while the run goes on, and in `<run_dir>/mlflow_pending.json` (PENDING) as soon as anything is
+    pending, so that a killed process or a run that ended while the server was down loses nothing. The end of a
+    run retries for END_RETRY_S with backoff; then `replay_pending` (called by the next `sparknet.run` of the same
+    config, and by `sparknet.compare`) sends the rest and closes the MLflow run with the status it ended with."""
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, *, timeout_s: float = 10.0,
-                 parent_run_id: str | None = None, artifact_root: Path | None = None):
+                 parent_run_id: str | None = None, artifact_root: Path | None = None, keep_pending: bool = True,
+                 end_retry_s: float | None = None):
         super().__init__(run_dir)
         self.run_dir = Path(run_dir)
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
@@ -96,8 +125,16 @@ class Tracker(NullTracker):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = _reader(uri, timeout_s)
         self.artifact_root = artifact_root
+        self.keep_pending = keep_pending  # False: the caller reports a failure itself (a comparison run)
+        self.end_retry_s = end_retry_s
         self.backlog: list = []  # mlflow Metric entities not yet sent
+        self.backlog_offset: int | None = None  # metrics.jsonl offset of the first line the backlog came from
+        self.pending_tags: dict[str, str] = {}
+        self.pending_artifacts: dict[tuple[str, str | None], None] = {}  # ordered set of (path, artifact_path)
+        self.end_time_ms: int | None = None
+        self._saved: tuple = (None, (), (), None)  # what PENDING on disk says (nothing: no file)
         self.offline_since: float | None = None
+        self._last_try = 0.0
         self.run_id = None
         self.url = ""
 
@@ -121,6 +158,32 @@ class Tracker(NullTracker):
             self.offline_since = None
         return True
 
+    def _due(self) -> bool:
+        """Whether to try the server now: always while it answers, every RETRY_S while it does not."""
+        return self.offline_since is None or time.time() - self._last_try >= RETRY_S
+
+    def _pending(self) -> bool:
+        return bool(self.backlog or self.pending_tags or self.pending_artifacts)
+
+    def _save_pending(self, status: str | None = None) -> None:
+        """Write PENDING (or remove it when nothing is pending) if what is pending changed since it was last
+        written: a long outage appends to the backlog every step, but the record changes once."""
+        if not self.keep_pending or self.run_id is None:
+            return
+        offset = self.backlog_offset if self.backlog else None
+        signature = (offset, tuple(self.pending_tags.items()), tuple(self.pending_artifacts), status)
+        if signature == self._saved:
+            return
+        path = self.run_dir / PENDING
+        if offset is None and not self.pending_tags and not self.pending_artifacts and status is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write_json_atomic(path, {
+                "uri": self.uri, "run_id": self.run_id, "experiment": self.experiment, "metrics_offset": offset,
+                "tags": self.pending_tags, "artifacts": [list(k) for k in self.pending_artifacts],
+                "status": status, "end_time_ms": self.end_time_ms, "written": time.time()})
+        self._saved = signature
+
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
@@ -136,11 +199,15 @@ class Tracker(NullTracker):
 
     def start(self, params: dict[str, str], tags: dict[str, str], run_name: str,
               resume_run_id: str | None = None) -> str:
-        """Create (or reopen) the run; failing to reach the store here is a clear error, not a warning."""
+        """Create (or reopen) the run; failing to reach the store here is a clear error, not a warning. A resumed
+        run first sends what its earlier session could not (its PENDING file)."""
         from mlflow.entities import Param, RunTag
 
         try:
             if resume_run_id:
+                # Before the status goes back to RUNNING: replay_pending must not close it afterwards.
+                replay_pending(self.run_dir, uri=self.uri, only_ended=False, terminate=False,
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
                 self.client.update_run(resume_run_id, status="RUNNING")
                 self.run_id = resume_run_id
             else:
@@ -170,44 +237,177 @@ class Tracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        super().log_metrics(metrics, step)  # the local copy first: it is the one that cannot fail
-        ts = int(time.time() * 1000)
-        self.backlog.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        t, offset = self._append_local(metrics, step)  # the local copy first: it is the one that cannot fail
+        if not self.backlog:
+            self.backlog_offset = offset
+        self.backlog.extend(Metric(k, float(v), int(t * 1000), step) for k, v in metrics.items())
         self.flush()
 
     def flush(self, force: bool = False) -> None:
-        if self.run_id is None or not self.backlog:
+        """Send the metric backlog, then anything else pending; keep PENDING in step with what is left."""
+        if self.run_id is None or not self._pending():
             return
-        if self.offline_since is not None and not force and time.time() - self._last_try < RETRY_S:
+        if not force and not self._due():
+            self._save_pending()  # e.g. the first metrics after a failed tag call: the record must say so
             return
         while self.backlog:
             chunk = self.backlog[:_BATCH]
             if not self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk):
-                return
+                break
             del self.backlog[:_BATCH]
+        else:
+            self._send_tags_and_artifacts()
+        self._save_pending()
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def _send_tags_and_artifacts(self) -> bool:
         from mlflow.entities import RunTag
 
+        if self.pending_tags:
+            tags = [RunTag(k, v) for k, v in self.pending_tags.items()]
+            if not self._call("set tags", self.client.log_batch, self.run_id, tags=tags):
+                return False
+            self.pending_tags.clear()
+        for path, artifact_path in list(self.pending_artifacts):
+            if Path(path).exists():  # a file removed since (an old checkpoint) is no longer wanted
+                log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+                if not self._call(f"log {path}", log, self.run_id, path, artifact_path):
+                    return False
+            del self.pending_artifacts[(path, artifact_path)]
+        return True
+
+    def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
-            self._call("set tags", self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.pending_tags.update(tags)
+            self._flush_other()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.run_id is None or not Path(path).exists():
             return
-        if Path(path).is_dir():
-            self._call(f"log {path}", self.client.log_artifacts, self.run_id, str(path), artifact_path)
-        else:
-            self._call(f"log {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self.pending_artifacts[(str(Path(path).resolve()), artifact_path)] = None
+        self._flush_other()
+
+    def _flush_other(self) -> None:
+        """Send new tags or artifacts now (in order after any metric backlog), or note them in PENDING."""
+        if self._due():
+            self.flush(force=True)
+        self._save_pending()
 
     def end(self, status: str = "FINISHED") -> None:
+        """Send everything and mark the run `status`, retrying a server that is down for END_RETRY_S with backoff;
+        then leave the rest, and the status, in PENDING (one warning says how it will be sent)."""
         if self.run_id is None:
             return
-        self.flush(force=True)
-        if self.backlog:
-            print(f"warning: {len(self.backlog)} metric values could not reach MLflow at {self.uri}; they "
-                  f"are in {self.local}", file=sys.stderr)
-        self._call("end run", self.client.set_terminated, self.run_id, status=status)
+        self.end_time_ms = int(time.time() * 1000)  # the true end, whenever MLflow hears of it
+        bound = END_RETRY_S if self.end_retry_s is None else self.end_retry_s
+        deadline = time.monotonic() + bound
+        wait = 1.0
+        while True:
+            self.flush(force=True)
+            if not self._pending() and self._call("end run", self.client.set_terminated, self.run_id,
+                                                  status=status, end_time=self.end_time_ms):
+                self._save_pending()  # nothing left: no record
+                return
+            if time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+            wait = min(2 * wait, 15.0)
+        self._save_pending(status)
+        if self.keep_pending:
+            print(f"warning: MLflow at {self.uri} did not answer for {bound:.0f} s at the end of the run: run "
+                  f"{self.run_id} stays RUNNING there until its backlog ({len(self.backlog)} metric values, "
+                  f"{len(self.pending_tags)} tags, {len(self.pending_artifacts)} files; all in {self.run_dir}) is "
+                  f"sent, with its status {status}, by the next `python -m sparknet.run` of this config or "
+                  f"`python -m sparknet.compare`", file=sys.stderr, flush=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
+
+
+def read_pending(run_dir: Path) -> dict | None:
+    """A run folder's PENDING record, or None (none, or unreadable: it is rewritten whole, so that means absent)."""
+    try:
+        data = json.loads((Path(run_dir) / PENDING).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("run_id") and data.get("uri") else None
+
+
+def _backlog_metrics(run_dir: Path, offset: int) -> list:
+    """The Metric entities of metrics.jsonl from byte `offset` on, with the timestamps they were first sent with."""
+    from mlflow.entities import Metric
+
+    out = []
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            row = json.loads(line)
+            ts, step = int(float(row["time"]) * 1000), int(row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut by a kill mid-write
+        out += [Metric(k, float(v), ts, step) for k, v in row.items()
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out
+
+
+def replay_pending(run_dir: Path, *, uri: str | None = None, only_ended: bool = True, terminate: bool = True,
+                   timeout_s: float = 10.0, log: Any = print) -> str:
+    """Send what a run folder's PENDING record lists (the metrics.jsonl backlog, tags, artifacts) and, with
+    `terminate`, close its MLflow run with the status the run ended with and its true end time.
+
+    Returns "" when there was nothing to do (no record; another store than `uri`; with `only_ended`, a run still
+    going), "sent" when everything arrived (the record is removed), else why not (the record stays, nothing is
+    lost: one warning line through `log`). Safe to repeat: MLflow drops metric values it already has."""
+    run_dir = Path(run_dir)
+    pending = read_pending(run_dir)
+    if pending is None or (uri is not None and pending["uri"] != uri) or (only_ended and not pending.get("status")):
+        return ""
+    from mlflow.entities import RunTag
+
+    target, run_id = pending["uri"], pending["run_id"]
+    client = _reader(target, timeout_s)
+    offset = pending.get("metrics_offset")
+    metrics = _backlog_metrics(run_dir, int(offset)) if offset is not None else []
+    tags = dict(pending.get("tags") or {})
+    artifacts = [(p, a) for p, a in pending.get("artifacts") or [] if Path(p).exists()]
+    try:
+        for i in range(0, len(metrics), _BATCH):
+            client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        for path, artifact_path in artifacts:
+            (client.log_artifacts if Path(path).is_dir() else client.log_artifact)(run_id, path, artifact_path)
+        if terminate and pending.get("status"):
+            client.set_terminated(run_id, status=pending["status"], end_time=pending.get("end_time_ms"))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        log(f"warning: {run_dir.name}: MLflow at {target} is still unreachable ({type(exc).__name__}: {first}); its "
+            f"backlog stays in {run_dir / PENDING} and is sent by a later run or compare")
+        return f"{type(exc).__name__}: {first}"
+    (run_dir / PENDING).unlink(missing_ok=True)
+    ended = f" and closed it as {pending['status']}" if terminate and pending.get("status") else ""
+    log(f"{run_dir.name}: sent MLflow run {run_id} what it missed ({len(metrics)} metric values, {len(tags)} tags, "
+        f"{len(artifacts)} files){ended}")
+    return "sent"
+
+
+def replay_lab(lab: Path, uri: str, *, timeout_s: float = 10.0, log: Any = print) -> dict[str, str]:
+    """replay_pending for every ended run under `<lab>/runs/` recorded in the store `uri`: {run folder: outcome}.
+    sparknet.compare calls it first, so that a run that ended while the server was down is read with its true
+    status and all its metrics."""
+    out = {}
+    for path in sorted(Path(lab).glob(f"runs/*/{PENDING}")):
+        outcome = replay_pending(path.parent, uri=uri, timeout_s=timeout_s, log=log)
+        if outcome:
+            out[path.parent.name] = outcome
+    return out
 
 
 def open_tracker(enabled: bool, uri: str, experiment: str, lab: Path, run_dir: Path, *, timeout_s: float = 10.0,
@@ -403,8 +603,10 @@ def log_comparison(uri: str, experiment: str, run_name: str, params: dict[str, s
     nothing else is lost if this fails, so a failure is an error rather than a warning."""
     # With a SQLite store, artifacts go next to the database, as open_tracker arranges for training runs.
     root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+    # keep_pending=False: a comparison run has no run folder to replay from; a failure is reported instead, and the
+    # end retries only briefly, as nothing is lost (the files are on disk).
     tracker = Tracker(uri, experiment, Path(files[0]).parent if files else Path("."), timeout_s=timeout_s,
-                      artifact_root=root)
+                      artifact_root=root, keep_pending=False, end_retry_s=min(5.0, timeout_s))
     try:
         run_id = tracker.start({k: v[:_MAX_PARAM_CHARS] for k, v in params.items()}, tags, run_name=run_name)
     except SparknetError as exc:
@@ -412,7 +614,7 @@ def log_comparison(uri: str, experiment: str, run_name: str, params: dict[str, s
     for f in files:
         tracker.log_artifact(Path(f))
     tracker.end("FINISHED")
-    if tracker.offline_since is not None:
+    if tracker.offline_since is not None or tracker._pending():
         raise SparknetError(f"MLflow at {uri}: the comparison run {run_id} was created but its files could not "
                             f"all be logged (the files are kept in {Path(files[0]).parent if files else '.'})")
     return run_id

@@ -2,16 +2,20 @@
 
     train(cfg, prepared, accelerator, run_dir, tracker) -> TrainResult
 
-What it does per optimizer step: set the LR from the schedule (a pure function of the step), run
-`grad_accum_steps` micro-batches (gradients synchronized across processes only on the last one), clip,
+What it does per optimizer step: set the LR from the schedule (a pure function of the step), run this
+process's micro-batches of the step (gradients synchronized across processes only on the last one), clip,
 step AdamW, all-reduce the step's loss statistics, stop if the previous step diverged (its loss is read
 once this step is queued, so the GPU is never idle for the check), then log / evaluate / checkpoint
 when due (each first checks the pending loss: no checkpoint ever holds an unchecked step). Everything
 a resumed run needs is the plan position (the step): batches and LR are functions of it, the rest
 (weights, AdamW moments, RNG) is in the checkpoint.
 
-The loss of a step is the mean NLL over the step's predicted tokens across all processes and
-micro-batches, so a 2-process run with half the micro-batch equals a 1-process run (tested).
+The recipe is global: `train.batch_tokens` per optimizer step, all processes together. Each process's
+accumulation is derived (batch_tokens / (seq_len x micro_batch_size x processes)), so step k reads the same
+sequences, has the same LR and the same number of steps on 1 or 8 processes, and a run may resume on another
+process count (the checkpoint records the global batch; a changed one is refused). The loss of a step is the
+mean NLL over the step's predicted tokens across all processes and micro-batches, so the 1- and 2-process
+runs of one config agree up to float summation order (tested).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +39,22 @@ import torch
 
 from sparknet.config import RunConfig, TrainConfig
 from sparknet.data import IGNORE_INDEX, Loader
+from sparknet.device import fit_micro_batch, is_oom, lookup_peak, oom_message
 from sparknet.errors import RunFailed, SparknetError
 from sparknet.model import GPT, build_model, export_hf
 from sparknet.prepare import Prepared
 from sparknet.tracking import NullTracker
 
-# Dense bf16 peak FLOP/s by GPU name substring (DESIGN.md); `train.peak_flops` overrides.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "4090": 165e12,
-              "3090": 71e12, "GB10": 100e12, "L40S": 362e12, "A6000": 155e12}
-
 
 def peak_flops(device: torch.device, override: float) -> float | None:
+    """Dense bf16 peak of `device` for MFU: `train.peak_flops`, else the table of sparknet.device by the GPU's
+    full name (None on the CPU or an unknown GPU: MFU is then not reported)."""
     if override:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    found = lookup_peak(torch.cuda.get_device_name(device))
+    return found[0] if found else None
 
 
 def lr_at(step: int, num_steps: int, t: TrainConfig) -> float:
@@ -116,7 +119,11 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf, keep: int) -> Path:
+_CPU = torch.device("cpu")
+
+
+def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf, keep: int,
+                    device: torch.device = _CPU) -> Path:
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -131,8 +138,9 @@ def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf
         for key, val in st.items():
             tensors[f"optim.{idx}.{key}"] = (val if torch.is_tensor(val) else torch.tensor(val)).detach().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    if device.type == "cuda":
+        # This process's own device only: a checkpoint written on an 8-GPU box must restore on a 1-GPU one.
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     np_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
     save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -158,7 +166,7 @@ def list_checkpoints(root: Path) -> list[Path]:
                    (p / "trainer_state.json").exists()), key=lambda p: p.name)
 
 
-def load_checkpoint(path: Path, model: GPT, optimizer) -> dict:
+def load_checkpoint(path: Path, model: GPT, optimizer, device: torch.device = _CPU) -> dict:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "trainer.safetensors"))
@@ -171,8 +179,11 @@ def load_checkpoint(path: Path, model: GPT, optimizer) -> dict:
             state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+    if "rng.cuda" in tensors and device.type == "cuda":
+        saved = tensors["rng.cuda"]
+        if saved.dim() == 2:  # older checkpoints hold every visible GPU's state: take the writer's first one
+            saved = saved[0]
+        torch.cuda.set_rng_state(saved, device)
     kind, pos, has_gauss, cached = meta["rng_numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = meta["rng_python"]
@@ -201,7 +212,7 @@ def source_val_loss(model: GPT, prepared: Prepared, seq_len: int, max_tokens: in
         x = np.lib.stride_tricks.sliding_window_view(windows, seq_len + 1)[::seq_len]
         total, count = 0.0, 0
         for i in range(0, len(x), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)
+            chunk = torch.from_numpy(np.array(x[i:i + batch_size])).to(device)  # a copy: the view is read-only
             with autocast():
                 nll = model(chunk[:, :-1], chunk[:, 1:])
             total += float(nll.sum())
@@ -290,6 +301,8 @@ def _maybe_compile(model, gpt: GPT, mode: str, device: torch.device, example: tu
         model.zero_grad(set_to_none=True)
         return compiled, True
     except Exception as exc:
+        if is_oom(exc):  # the micro-batch does not fit: train() says which does, eager would not fit either
+            raise
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         print(f"warning: torch.compile failed ({type(exc).__name__}: {first}); training in eager mode "
               f"(on a DGX Spark set TRITON_PTXAS_PATH to CUDA 13's ptxas)", file=sys.stderr, flush=True)
@@ -311,6 +324,26 @@ def build_optimizer(model: GPT, t: TrainConfig, device: torch.device) -> torch.o
 
 def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracker: NullTracker | None = None,
           *, on_eval=None, progress: bool = True, fault=None) -> TrainResult:
+    """`_train`, fitted to the device: `train.micro_batch_size=auto` is resolved first (the largest micro-batch that
+    fits, probed once; sparknet.device.fit_micro_batch), and running out of memory becomes a one-line error naming
+    the largest micro-batch the memory estimate fits (the global batch stays the recipe's)."""
+    if cfg.train.micro_batch_size == "auto":
+        mb = fit_micro_batch(cfg, prepared.tokenizer.vocab_size, accelerator)
+        cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=mb))
+        prepared = replace(prepared, config=cfg)  # its loader splits the steps by this micro-batch
+    try:
+        return _train(cfg, prepared, accelerator, run_dir, tracker, on_eval=on_eval, progress=progress, fault=fault)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_oom(exc):
+            raise
+        message = oom_message(cfg, prepared.tokenizer.vocab_size, accelerator.device, accelerator.num_processes,
+                              cfg.train.micro_batch_size)
+    # Raised outside the except clause: the out-of-memory's traceback (and the tensors its frames hold) is gone.
+    raise SparknetError(message)
+
+
+def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracker: NullTracker | None = None,
+           *, on_eval=None, progress: bool = True, fault=None) -> TrainResult:
     """Train from the plan (resuming from the newest checkpoint in `run_dir`), evaluate, checkpoint.
 
     on_eval(tokens, val_losses) is called after each evaluation (the sweep reports and prunes there).
@@ -322,7 +355,8 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, norms) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    loader = prepared.loader(world)
+    loader = prepared.loader(world)  # a SparknetError when the global batch does not split over `world`
+    accum = loader.grad_accum_steps
     num_steps = loader.num_steps
     names = prepared.plan.source_names
     num_sources = len(names)
@@ -332,16 +366,26 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     ckpt_root = run_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "tokens_per_source": [0] * num_sources, "seconds": 0.0,
              "recent_losses": [], "next_eval_tokens": cfg.eval.every_tokens,
-             "plan_sha256": prepared.plan.fingerprint(), "eos_token_id": prepared.tokenizer.eot_id}
+             "plan_sha256": prepared.plan.fingerprint(), "eos_token_id": prepared.tokenizer.eot_id,
+             "batch_tokens": t.batch_tokens, "world_size": world}
     existing = list_checkpoints(ckpt_root)
     if existing:
-        state = load_checkpoint(existing[-1], model, optimizer)
+        state = load_checkpoint(existing[-1], model, optimizer, device)
         if state["plan_sha256"] != prepared.plan.fingerprint():
             raise SparknetError(f"{existing[-1]}: checkpoint was written for a different data plan (fix: "
                                 f"rerun with --fresh, or delete {run_dir})")
+        if state.get("batch_tokens") != t.batch_tokens:
+            # Step k's data and LR are functions of the global batch: resuming under another one would skip or
+            # repeat data and bend the schedule. (Checkpoints from before it was recorded are refused too.)
+            raise SparknetError(f"{existing[-1]}: checkpoint was written with train.batch_tokens="
+                                f"{state.get('batch_tokens', 'unrecorded')}, this run has {t.batch_tokens} (fix: "
+                                f"resume with the same train.batch_tokens, or rerun with --fresh)")
         if is_main:
+            moved = f"; written by {state['world_size']} process(es), resumed on {world}" \
+                if state.get("world_size", world) != world else ""
             print(f"resuming from {existing[-1].name}: {state['tokens']:,} of {prepared.plan.total_tokens:,} "
-                  f"tokens done", flush=True)
+                  f"tokens done{moved}", flush=True)
+        state["world_size"] = world
     # Only the model goes through accelerate (DDP wrapping, bf16 autocast): the optimizer stays a plain
     # AdamW, since we accumulate and scale ourselves and bf16 needs no grad scaler; accelerate's optimizer
     # wrapper cost ~0.5 ms a step in import-system lookups.
@@ -357,7 +401,8 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
     if is_main:
         print(f"model {cfg.model.preset}: {model.shape.num_params() / 1e6:.2f}M parameters, "
               f"{flops_per_token / 1e6:.0f} MFLOP/token; {num_steps:,} steps of {step_tokens(loader, 0):,} tokens on "
-              f"{world} x {device.type}{' (compiled)' if compiled else ''}", flush=True)
+              f"{world} x {device.type}{' (compiled)' if compiled else ''}: {t.micro_batch_size} sequences x "
+              f"{accum} micro-batches x {world} process(es)", flush=True)
 
     step, tokens = state["step"], state["tokens"]
     # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
@@ -427,7 +472,7 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
             snapshot = dict(state, step=step, tokens=tokens, tokens_per_source=source_tokens(),
                             seconds=seconds_before + (time.time() - session_start), recent_losses=list(recent),
                             last=last)
-            path = save_checkpoint(ckpt_root, model, optimizer, snapshot, hf_tok, t.keep_checkpoints)
+            path = save_checkpoint(ckpt_root, model, optimizer, snapshot, hf_tok, t.keep_checkpoints, device)
         accelerator.wait_for_everyone()
         paused += time.time() - t0
         last_ckpt_time, last_ckpt_tokens = time.time(), tokens
@@ -441,10 +486,10 @@ def train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracke
             group["lr"] = lr
         n_step_tokens = step_tokens(loader, step)
         stats = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
-        for micro in range(t.grad_accum_steps):
+        for micro in range(accum):
             _, _, input_ids, labels, source_ids = next(batches)
             # Synchronize gradients across processes only on the last micro-batch (accelerate's no_sync).
-            sync = nullcontext() if micro == t.grad_accum_steps - 1 else accelerator.no_sync(model_ddp)
+            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model_ddp)
             with sync:
                 with autocast():
                     nll = fwd(input_ids, labels)  # [B, T], 0 where labels are ignored

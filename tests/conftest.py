@@ -24,21 +24,21 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_P
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real text); tests that need it skip when it is absent. Session-scoped, so that module
-    fixtures can use it too."""
+    """../shared/data (WikiText-2 and real text for benchmarks); the WikiText-2 checks that need it skip when it
+    is absent. Session-scoped, so that module fixtures can use it too."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real text not available: {SHARED_DATA} is absent")
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
-def tiny_mixture(shared_data):
-    """write(folder, **overrides) -> folder/tiny.yaml: the tiny real-text recipe of tests/tinylab.py, with the
-    sections' keys that a test changes (`train={"grad_accum_steps": 2}`, `max_repeats=...`; see tinylab.tiny_mixture).
-    Skips where ../shared/data is absent."""
+def tiny_mixture():
+    """write(folder, **overrides) -> folder/tiny.yaml: the tiny real-text recipe of tests/tinylab.py (the installed
+    Python's text: runs in a plain clone), with the sections' keys that a test changes (`train={"batch_tokens":
+    1024}`, `max_repeats=...`; see tinylab.tiny_mixture)."""
 
     def write(folder: Path, **overrides) -> Path:
-        return write_tiny_mixture(folder, shared_data, **overrides)
+        return write_tiny_mixture(folder, **overrides)
 
     return write
 

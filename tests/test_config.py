@@ -49,7 +49,7 @@ def test_defaults_are_the_codelion_recipe():
         ("fineweb_edu", "codelion/fineweb-edu-1B", 0.2, "train", "text"),
     ]
     assert (t.lr, t.min_lr, t.schedule, t.warmup_fraction, t.grad_clip) == (5e-4, 5e-5, "cosine", 0.02, 1.0)
-    assert t.micro_batch_size * t.grad_accum_steps * t.seq_len == 120 * 1024
+    assert t.batch_tokens == 120 * 1024 and t.micro_batch_size == 24 and t.grad_accum_steps(1) == 5
     assert cfg.model.shape() == (12, 8, 512, 1024)
     assert cfg.tokenizer.name == "gpt2"
     assert cfg.name == "codelion_502030"
@@ -167,7 +167,7 @@ def test_names_that_are_not_safe_path_components(tmp_path, name):
 def test_budgets_that_cannot_be_met(tmp_path):
     p = write(tmp_path, BASE)
     assert "mixture.total_tokens: must be > 0" in error_of(p, ["mixture.total_tokens=0"])
-    assert "train.seq_len: 4096 exceeds the model's context 1024" in error_of(p, ["train.seq_len=4096"])
+    assert "train.seq_len: 4096 exceeds the model's context 1024" in error_of(p, ["train.seq_len=4096", "train.micro_batch_size=6"])
     stages = [{"start_fraction": 0.0, "weights": {"a": 1}}, {"start_fraction": 0.9999, "weights": {"b": 1}}]
     srcs = [{"name": n, "kind": "hf", "path": n} for n in "ab"]
     data = {"mixture": {"total_tokens": 4096, "sources": srcs, "stages": stages}, "train": {"seq_len": 1024}}
@@ -229,3 +229,80 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "train.lr: must be > 0" in proc.stderr
+
+
+# --- the recipe is global: accumulation is derived from train.batch_tokens for any number of processes
+
+
+def test_accumulation_is_derived_from_the_global_batch_for_any_process_count():
+    t = load_config(REPO / "mixtures" / "codelion_502030.yaml").train
+    assert t.sequences_per_step == 120
+    assert [t.grad_accum_steps(n) for n in (1, 5)] == [5, 1]
+    t8 = load_config(REPO / "mixtures" / "codelion_502030.yaml", ["train.micro_batch_size=15"]).train
+    assert t8.grad_accum_steps(8) == 1 and t8.grad_accum_steps(1) == 8  # 8 x 15 = 120 sequences either way
+    with pytest.raises(SparknetError) as exc:
+        t.grad_accum_steps(8)  # 24 x 8 = 192 does not divide 120: a one-line error with the sizes that work
+    msg = str(exc.value)
+    assert "train.micro_batch_size: 24 sequences x 8 process(es)" in msg and "one of 1, 3, 5, 15" in msg
+    with pytest.raises(SparknetError, match=r"cannot be split over 7 processes .*1, 2, 3, 4, 5, 6, 8"):
+        t.grad_accum_steps(7)
+
+
+def test_batch_tokens_must_be_whole_sequences_the_micro_batch_divides(tmp_path):
+    msg = error_of(write(tmp_path, {**BASE, "train": {"batch_tokens": 1000, "seq_len": 256}}))
+    assert "train.batch_tokens: 1,000 is not a multiple of seq_len 256" in msg and "1024" in msg
+    msg = error_of(write(tmp_path, {**BASE, "train": {"batch_tokens": 4096, "seq_len": 256, "micro_batch_size": 5}}))
+    assert "train.micro_batch_size: 5 does not divide the 16 sequences" in msg and "1, 2, 4, 8, 16" in msg
+    assert load_config(write(tmp_path, BASE), ["train.batch_tokens=60k", "train.seq_len=1000", "train.micro_batch_size=20"]).train.batch_tokens == 60000
+
+
+def test_the_old_accumulation_key_says_what_replaced_it(tmp_path):
+    msg = error_of(write(tmp_path, {**BASE, "train": {"grad_accum_steps": 5}}))
+    assert "train.grad_accum_steps: is derived now" in msg and "set train.batch_tokens" in msg
+
+
+# --- config edges
+
+
+@pytest.mark.parametrize("text,what", [("", "the spec is empty"), ("# nothing here\n", "the spec is empty"),
+                                       ("train:\n  lr: 1e-3\n", "the spec has no `mixture:` section")])
+def test_an_empty_spec_or_one_without_a_mixture_is_a_one_line_error(tmp_path, text, what):
+    path = write(tmp_path, text)
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: mixture: {what}") and "mixtures/quickstart.yaml" in msg
+
+
+def test_a_key_given_twice_is_an_error_naming_the_key_and_lines(tmp_path):
+    text = "mixture:\n  total_tokens: 1M\n  sources:\n    - {name: a, kind: hf, path: org/a, weight: 1}\n" \
+           "train:\n  lr: 1e-3\n  warmup_fraction: 0.1\n  lr: 3e-4\n"
+    msg = error_of(write(tmp_path, text))
+    assert "line 8: duplicate key 'lr' (first set on line 6" in msg and "keep one of them" in msg
+    # The same key in two different mappings is fine (every source has a name).
+    ok = "mixture:\n  sources:\n    - {name: a, kind: hf, path: org/a, weight: 1}\n" \
+         "    - {name: b, kind: hf, path: org/b, weight: 1}\n"
+    assert [s.name for s in load_config(write(tmp_path, ok, "ok.yaml")).mixture.sources] == ["a", "b"]
+
+
+def test_wsd_warmup_and_decay_may_not_exceed_the_run(tmp_path):
+    msg = error_of(write(tmp_path, {**BASE, "train": {"schedule": "wsd", "warmup_fraction": 0.5,
+                                                      "decay_fraction": 0.6}}))
+    assert "train.decay_fraction: warmup_fraction 0.5 + decay_fraction 0.6 exceed the whole run" in msg
+    assert load_config(write(tmp_path, {**BASE, "train": {"schedule": "wsd", "warmup_fraction": 0.4,
+                                                          "decay_fraction": 0.6}})).train.decay_fraction == 0.6
+
+
+def test_overrides_also_work_after_flags(tmp_path, capsys):
+    from sparknet.run import main
+
+    path = write(tmp_path, BASE)
+    assert main([str(path), "--dry-run", "train.lr=3e-4", "--processes", "5", "mixture.total_tokens=1M"]) == 0
+    out = capsys.readouterr().out
+    assert "to 0.0003" in out and "1,000,000 tokens" in out
+    assert "processes 5: each 24 sequences x 1 micro-batches" in out
+
+
+def test_on_and_off_are_words_not_yaml_booleans(tmp_path):
+    path = write(tmp_path, {**BASE, "train": {"compile": "on"}})
+    assert load_config(path, ["train.compile=off"]).train.compile == "off"  # YAML 1.1 reads off as False
+    assert load_config(write(tmp_path, "mixture:\n  sources: [{name: a, kind: hf, path: o/a, weight: 1}]\n"
+                                       "train:\n  compile: on\n", "bare.yaml")).train.compile == "on"

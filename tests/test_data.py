@@ -7,6 +7,7 @@ import pytest
 
 from sparknet.config import config_from_dict
 from sparknet.data import IGNORE_INDEX, Loader
+from sparknet.errors import SparknetError
 from sparknet.prepare import prepare
 from sparknet.store import open_store
 
@@ -25,7 +26,7 @@ def prepared(tmp_path, write_jsonl):
             {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 0.7, "max_repeats": 5},
             {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": 0.3, "max_repeats": 5}]},
         "model": {"preset": "cpu-tiny"},
-        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 3},
+        "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 768},
         "prepare": {"shard_tokens": 2048},
     })
     return prepare(cfg, workers=1, progress=False)
@@ -41,15 +42,29 @@ def test_realized_tokens_per_source_equal_the_plan_and_the_spec(prepared):
 
 
 def test_processes_split_each_step_and_read_every_sequence_once(prepared):
-    loader = prepared.loader(world_size=2)
+    """The global batch is the recipe's: 1 process x 3 micro-batches and 3 processes x 1 read the same 12
+    sequences at every step, and together every planned sequence exactly once."""
+    one, three = prepared.loader(world_size=1), prepared.loader(world_size=3)
+    assert (one.grad_accum_steps, three.grad_accum_steps) == (3, 1)
+    assert one.num_steps == three.num_steps
     seen = []
-    for step in range(loader.num_steps):
-        for micro in range(loader.grad_accum_steps):
-            for rank in range(2):
-                idx = loader.batch(step, micro, rank).sequence_index
-                seen.extend(idx[idx >= 0].tolist())
+    for step in range(three.num_steps):
+        per_step = {w: [] for w in (1, 3)}
+        for loader, world in ((one, 1), (three, 3)):
+            for micro in range(loader.grad_accum_steps):
+                for rank in range(world):
+                    b = loader.batch(step, micro, rank)
+                    idx = b.sequence_index
+                    per_step[world].extend(idx[idx >= 0].tolist())
+                    if world == 3:
+                        ref = one.batch(step, rank)  # same micro-batch size: rank r reads 1-process micro r
+                        assert np.array_equal(b.input_ids, ref.input_ids)
+        assert sorted(per_step[1]) == sorted(per_step[3])
+        seen.extend(per_step[3])
     assert sorted(seen) == list(range(prepared.plan.num_sequences))
-    assert loader.tokens_per_source_realized().tolist() == prepared.plan.tokens_per_source().tolist()
+    assert three.tokens_per_source_realized().tolist() == prepared.plan.tokens_per_source().tolist()
+    with pytest.raises(SparknetError, match="cannot be split over 5 processes"):
+        prepared.loader(world_size=5)
 
 
 def test_batches_survive_a_restart_exactly(prepared):
@@ -128,7 +143,7 @@ def small_and_big(tmp_path, write_jsonl, weights=(0.7, 0.3)):
                 {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": weights[0]},
                 {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": weights[1]}]},
             "model": {"preset": "cpu-tiny"},
-            "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 3},
+            "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 768},
             "prepare": {"shard_tokens": 2048},
         })
     return cfg(10_000), cfg(40_000)
@@ -158,7 +173,7 @@ def test_a_zero_weight_source_with_a_tiny_store_does_not_stop_the_loader(tmp_pat
             {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 1.0, "max_repeats": 5},
             {"name": "z", "kind": "local", "path": str(tmp_path / "z"), "weight": 0.0}]},
         "model": {"preset": "cpu-tiny"},
-        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum_steps": 1},
+        "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 256},
     })
     prepared = prepare(cfg, workers=1, progress=False, write_report=False)
     loader = prepared.loader()  # used to raise "only N training tokens" for the never-drawn source

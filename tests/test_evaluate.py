@@ -118,6 +118,33 @@ def test_uniform_logits_give_vocab_perplexity_everywhere(tmp_path, monkeypatch):
     assert not s16.details["stride_clamped"]
 
 
+def test_strides_clamped_to_the_same_context_run_once_and_results_record_the_dtype(tmp_path):
+    """A 64-token model under hf-strided-64/128/512: 128 and 512 run at 64 too, so the work is done once and the
+    three results are the same numbers, each saying what ran; every result records the dtype it was computed in."""
+    folder = write_local_copy(tmp_path / "wt2", TOY_ROWS * 3, TOY_ROWS)
+    calls = []
+
+    def counting(ids: torch.Tensor) -> torch.Tensor:
+        calls.append(ids.shape[0])
+        return torch.zeros(*ids.shape, 100)
+
+    protocols = ("hf-strided-64", "hf-strided-128", "hf-strided-512", "hf-strided-16")
+    results = ev.evaluate_wikitext(counting, char_tokenize(100), 100, 64, protocols=protocols, local=folder,
+                                   batch_size=4, dtype=ev.EVAL_DTYPE)
+    windows_64, windows_16 = results[0].details["windows"], results[3].details["windows"]
+    assert sum(calls) == windows_64 + windows_16  # one pass at stride 64, one at 16; none for 128 or 512
+    s64, s128, s512, s16 = results
+    assert [r.protocol for r in results] == list(protocols)
+    for r in (s128, s512):
+        assert (r.loss_nats, r.bits_per_byte, r.tokens) == (s64.loss_nats, s64.bits_per_byte, s64.tokens)
+        assert r.details["stride_clamped"] and r.details["stride_tokens"] == 64 and r.details["same_as"] == s64.protocol
+        assert r.seconds == 0.0 < s64.seconds  # no work done under this name
+    assert not s64.details["stride_clamped"] and "same_as" not in s64.details
+    assert {r.details["dtype"] for r in results} == {"float32"} == {ev.EVAL_DTYPE}
+    unlabelled = ev.evaluate_wikitext(counting, char_tokenize(100), 100, 64, protocols=("hf-strided-64",), local=folder)
+    assert "dtype" not in unlabelled[0].details  # the caller did not say: nothing is claimed
+
+
 # --------------------------------------------------------------------------------------------------------
 # hf-strided: equals HF's own per-window loop on a tiny model
 # --------------------------------------------------------------------------------------------------------
@@ -250,14 +277,15 @@ def test_shuffle_permutation_is_datasets_shuffle(n):
     assert ev.shuffle_permutation(n, 42) == list(shuffled)
 
 
-def test_blog_tokenization_matches_sparknets_hf_tokenizer(shared_data):
-    """SparkNet: GPT2TokenizerFast, pad = eos, truncation + padding="max_length" to 256, no BOS."""
+def test_blog_tokenization_matches_sparknets_hf_tokenizer():
+    """SparkNet: GPT2TokenizerFast, pad = eos, truncation + padding="max_length" to 256, no BOS. On wiki-like rows
+    made here (the check is that two tokenizations agree, on any text), some longer than 256 tokens."""
     from sparknet.tokenizer import GPT2_EOT, TokenizerSpec, from_spec
 
     ours = from_spec(TokenizerSpec("gpt2", "", "main"))
     hf = ours.to_hf()
     hf.pad_token = hf.eos_token
-    rows = ev.select_blog_rows(ev.load_wikitext("validation", shared_data / "wikitext-2-raw"))[:200]
+    rows = ev.select_blog_rows(TOY_ROWS * 4 + [" ".join(r.strip() for r in TOY_ROWS if r) * 3 + " \n"], num_rows=40)
     enc = hf(rows, truncation=True, max_length=256, padding="max_length", return_tensors="pt")
     ids, mask = ev.pad_rows(ours.encode_batch(rows), 256, GPT2_EOT)
     assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
@@ -284,13 +312,14 @@ def test_real_files_all_layouts_give_the_hf_rows(shared_data):
         assert ev.rows_sha256(want) == ev.WIKITEXT_SHA256[split]
 
 
-def test_local_copy_from_environment_and_argument(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setenv(ev.WIKITEXT_ENV, str(shared_data / "wikitext-2-raw"))
+def test_local_copy_from_environment_and_argument(tmp_path, monkeypatch):
+    env_copy = write_local_copy(tmp_path / "env", TOY_ROWS, TOY_ROWS * 2)
+    monkeypatch.setenv(ev.WIKITEXT_ENV, str(env_copy))
     rows, source = ev.load_wikitext_with_source("valid")
-    assert len(rows) == 3760 and source.endswith("validation.jsonl")
+    assert rows == TOY_ROWS * 2 and source == str(env_copy / "validation.jsonl")
     # An explicit argument wins over the environment.
-    write_local_copy(tmp_path, ["", " a \n"], [" b \n"])
-    assert ev.load_wikitext("test", tmp_path) == ["", " a \n"]
+    write_local_copy(tmp_path / "arg", ["", " a \n"], [" b \n"])
+    assert ev.load_wikitext("test", tmp_path / "arg") == ["", " a \n"]
 
 
 def test_parse_raw_both_layouts():

@@ -15,6 +15,7 @@ import pytest
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
 from sparknet.sources import (
+    check_source,
     html_to_text,
     iter_documents,
     list_files,
@@ -520,6 +521,39 @@ def test_missing_path_and_empty_glob(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     msg = user_error(source(tmp_path / "empty_dir", kind="blog"))
     assert str(tmp_path / "empty_dir") in msg and "fix" in msg
+
+
+def test_check_source_sizes_text_without_reading_it(tmp_path, write_jsonl):
+    a = write_jsonl("d/a.jsonl", ["one", "two"])
+    (tmp_path / "d" / "b.txt").write_text("three", encoding="utf-8")
+    assert check_source(source(tmp_path / "d")) == (2, a.stat().st_size + 5)
+    with gzip.open(tmp_path / "d" / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "four"}\n')
+    assert check_source(source(tmp_path / "d")) is None  # compressed: bytes say nothing about the text
+    assert check_source(SourceConfig(name="py", kind="pydocs", part="code", weight=1.0)) is None
+    assert check_source(source("org/data", kind="hf")) is None  # a hub id: checked against the hub later
+
+
+def test_check_source_names_what_is_wrong(tmp_path, write_jsonl):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "a.csv").write_text("x,y\n", encoding="utf-8")
+    with pytest.raises(SparknetError, match=r"source 'web': no jsonl/.* files match .*csv', it holds only .csv "
+                                            r"files \(fix: check mixture.sources.web.path\)"):
+        check_source(source(tmp_path / "csv", name="web"))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SparknetError, match="it is empty"):
+        check_source(source(tmp_path / "none", kind="blog"))
+    write_jsonl("e/a.jsonl", ["x"])
+    (tmp_path / "e" / "b.jsonl").write_bytes(b"")
+    with pytest.raises(SparknetError, match="b.jsonl: file is empty"):
+        check_source(source(tmp_path / "e"))
+    (tmp_path / "blog").mkdir()
+    (tmp_path / "blog" / "p.md").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(SparknetError, match="p.md: byte 3 is not UTF-8"):
+        check_source(source(tmp_path / "blog", kind="blog"))
+    # a dataset folder with a typo is a missing folder, not an unreachable hub
+    with pytest.raises(SparknetError, match=r"source 'ds': dataset folder '/nowhere/my/dataset' does not exist"):
+        check_source(source("/nowhere/my/dataset", kind="hf", name="ds"))
 
 
 def test_overlong_jsonl_line(tmp_path):

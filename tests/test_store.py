@@ -16,6 +16,7 @@ import pytest
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
+from sparknet.sources import doc_hash
 from sparknet.store import open_store, prepare_source
 from sparknet.tokenizer import TiktokenGPT2
 
@@ -34,16 +35,27 @@ def stream_of(docs: list[str]) -> np.ndarray:
     return np.array(ids)
 
 
+def texts_of(ids: np.ndarray) -> list[str]:
+    """The documents of a token stream (EOT after each)."""
+    ends = np.flatnonzero(ids == TOK.eot_id)
+    return [TOK.decode(part[:-1].tolist()) for part in np.split(ids, ends + 1)[:len(ends)]]
+
+
 def test_store_holds_val_then_train_with_eot_between_documents(tmp_path, write_jsonl):
     path = write_jsonl("docs.jsonl", DOCS)
     st = prepare_source(local_source(path), TOK, tmp_path, train_tokens_needed=10**9, val_tokens=100,
                         shard_tokens=1024)
-    full = stream_of(DOCS)
     val, train = st.val().read(0, st.val_tokens), st.train().read(0, st.train_tokens)
-    # val = whole documents from the start, just past 100 tokens; train = all the rest; nothing shared
-    assert np.array_equal(np.concatenate([val, train]), full)
+    val_docs, train_docs = texts_of(val), texts_of(train)
+    # val = the documents of smallest hash, in hash order, whole, just past 100 tokens
+    by_hash = sorted(DOCS, key=doc_hash)
+    assert val_docs == by_hash[:len(val_docs)]
     assert val[-1] == TOK.eot_id and 100 <= st.val_tokens < 100 + 20
-    assert st.manifest["exhausted"] and st.manifest["documents"] == 400
+    assert st.val_index()["items"] == [DOCS.index(d) for d in val_docs]
+    # train = all the rest, in source order; nothing shared
+    assert train_docs == [d for d in DOCS if d not in set(val_docs)]
+    assert np.array_equal(train, stream_of(train_docs))
+    assert st.manifest["exhausted"] and st.manifest["documents"] == 400 and st.duplicates_dropped == 0
     assert all(abs(s["tokens"] - 1024) < 30 for s in st.manifest["train_shards"][:-1])  # shards end at a doc
     assert st.dtype == np.uint16 and st.verify() == []
 
@@ -208,30 +220,40 @@ def hub_source() -> SourceConfig:
     return SourceConfig(name="hub", kind="hf", path="sparknet-test-org/no-such-local-folder", weight=1.0)
 
 
+HUB_VAL = {"val_tokens": 100, "val_stream_rate": 0.1}  # ~40 of the 400 documents eligible: the slice fills up
+
+
 def test_hub_store_is_extended_from_the_commit_it_was_created_from(tmp_path, fake_hub):
-    small = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=2000, val_tokens=100,
-                           shard_tokens=1024)
-    assert small.manifest["source_commit"] == SHA_A and fake_hub["loaded"] == [SHA_A]
+    small = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=2000, shard_tokens=1024,
+                           **HUB_VAL)
+    # read twice at the recorded commit: the validation pass (a prefix of the stream), then training
+    assert small.manifest["source_commit"] == SHA_A and fake_hub["loaded"] == [SHA_A, SHA_A]
     assert json.loads((small.dir / "manifest.json").read_text())["source_commit"] == SHA_A
     consumed = small.manifest["items_consumed"]
     assert 0 < consumed < 400 and not small.manifest["exhausted"]
 
     fake_hub["head"] = SHA_B  # "main" moved upstream: reading "main" now would mix two versions
-    big = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=4000, val_tokens=100,
-                         shard_tokens=1024)
-    assert big.dir == small.dir and fake_hub["loaded"] == [SHA_A, SHA_A]
+    big = prepare_source(hub_source(), TOK, tmp_path / "lab", train_tokens_needed=4000, shard_tokens=1024,
+                         **HUB_VAL)
+    assert big.dir == small.dir and fake_hub["loaded"] == [SHA_A, SHA_A, SHA_A]
     assert json.loads((big.dir / "manifest.json").read_text())["source_commit"] == SHA_A
     assert big.manifest["items_consumed"] > consumed and big.train_tokens >= 4000 and not big.manifest["exhausted"]
     # the extension is the continuation of commit A: the same store as one built at once at A
     fake_hub["head"] = SHA_A
-    ref = prepare_source(hub_source(), TOK, tmp_path / "ref", train_tokens_needed=4000, val_tokens=100,
-                         shard_tokens=1024)
+    ref = prepare_source(hub_source(), TOK, tmp_path / "ref", train_tokens_needed=4000, shard_tokens=1024,
+                         **HUB_VAL)
     assert big.train_tokens == ref.train_tokens and big.val_tokens == ref.val_tokens
     assert np.array_equal(big.val().read(0, big.val_tokens), ref.val().read(0, ref.val_tokens))
     assert np.array_equal(big.train().read(0, big.train_tokens), ref.train().read(0, ref.train_tokens))
-    n = big.val_tokens + big.train_tokens
-    assert np.array_equal(np.concatenate([big.val().read(0, big.val_tokens), big.train().read(0, big.train_tokens)]),
-                          stream_of(DOCS)[:n])
+    # val: the documents below 10% of the hash space, in stream order until 100 tokens (stored in hash order)
+    eligible = [d for d in DOCS if doc_hash(d) < 0.1 * 2**64]
+    val_docs = texts_of(big.val().read(0, big.val_tokens))
+    assert sorted(val_docs, key=DOCS.index) == eligible[:len(val_docs)] and 100 <= big.val_tokens < 120
+    assert val_docs == sorted(val_docs, key=doc_hash)
+    # train: the stream without them, from commit A only
+    rest = [d for d in DOCS if d not in set(val_docs)]
+    assert np.array_equal(big.train().read(0, big.train_tokens), stream_of(rest)[:big.train_tokens])
+    assert "10.0% hash sample of the first" in big.describe_val()
     assert big.verify() == []
 
 

@@ -1,9 +1,14 @@
-"""Sweeps: a 4-trial study with MLflow parent/children and a best config that sparknet.run accepts; a
-worker killed mid-trial and rerun; two workers on a real PostgreSQL; pruning; clean errors."""
+"""Sweeps: a 4-trial study with MLflow parent/children and a best config that sparknet.run accepts (and that
+best_overrides.yaml reproduces); a study that remembers its budget, objective, space and recipe; an interrupt that
+leaves the trial resumable and a retry that continues the pruning steps; failures recorded, never left RUNNING; a
+worker killed mid-trial and rerun; two workers on a real PostgreSQL with one summary and one --confirm; pruning;
+the val/<source> and wikitext-valid objectives; clean errors for every bad space."""
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from sparknet.config import ConfigError, load_config, to_dict
+from sparknet.errors import SparknetError
 from sparknet.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +37,18 @@ pruner: {n_startup_trials: 2, n_warmup_steps: 1}
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_trials():
+    """In-process trials on a busy 2-core machine: one torch thread (OpenMP's spinning threads make each tiny op
+    take milliseconds). Subprocess trials get OMP_NUM_THREADS=1 from conftest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_mixture):
     d = tmp_path_factory.mktemp("sweeplab")
@@ -38,10 +57,17 @@ def lab(tmp_path_factory, tiny_mixture):
     return d
 
 
-def args_for(lab: Path, study: str, *extra: str, trials: int = 4, storage: str | None = None) -> list[str]:
-    return ["--mixture", str(lab / "tiny.yaml"), "--space", str(lab / "space.yaml"), "--trials", str(trials),
+def args_for(lab: Path, study: str, *extra: str, trials: int = 4, storage: str | None = None,
+             space: Path | None = None) -> list[str]:
+    return ["--mixture", str(lab / "tiny.yaml"), "--space", str(space or lab / "space.yaml"), "--trials", str(trials),
             "--proxy-tokens", "8192", "--study", study, "--storage", storage or f"sqlite:///{lab / 'optuna.db'}",
             *extra, f"lab_dir={lab}"]
+
+
+def load(lab: Path, study: str, url: str | None = None):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=url or f"sqlite:///{lab / 'optuna.db'}")
 
 
 def trial_states(url: str, study: str) -> dict[str, int]:
@@ -55,19 +81,31 @@ def trial_states(url: str, study: str) -> dict[str, int]:
 
 
 def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(lab, monkeypatch, capsys):
-    import optuna
     from mlflow.tracking import MlflowClient
 
     from sparknet.run import main as run_main
+    from sparknet.sweep import overrides_args
 
     monkeypatch.chdir(lab)
     assert main(args_for(lab, "four")) == 0
     out = capsys.readouterr().out
-    study = optuna.load_study(study_name="four", storage=f"sqlite:///{lab / 'optuna.db'}")
+    study = load(lab, "four")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4 == len(study.trials)
     assert study.trials[0].user_attrs["baseline"] and study.trials[0].params["train.lr"] == pytest.approx(3e-3)
-    assert "baseline (trial 0)" in out and "best: trial" in out
+    assert "baseline (trial 0)" in out and "best: trial" in out and out.count("wrote experiments/four/") == 1
+    for t in study.trials:  # every source's loss at every evaluation: the study can be re-read for any objective
+        assert set(t.user_attrs["val_loss_by_eval"]) <= {"0", "1", "2"} and t.user_attrs["val_loss_by_eval"]
+        for step, value in t.intermediate_values.items():
+            losses = t.user_attrs["val_loss_by_eval"][str(step)]
+            assert set(losses) == {"docs", "code"} and value == pytest.approx(sum(losses.values()) / 2)
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(sum(t.user_attrs["val_loss"].values()) / 2)
+    attrs = study.user_attrs  # what the study is, for later runs to compare against
+    assert attrs["sparknet.proxy_tokens"] == 8192 and attrs["sparknet.objective"] == "val"
+    assert attrs["sparknet.space"]["params"]["train.lr"] == {"low": 1e-3, "high": 1e-2, "log": True, "type": "float"}
+    assert attrs["sparknet.recipe"]["train.lr"] == "0.003" and attrs["sparknet.model"]["preset"] == "cpu-tiny"
+    assert attrs["sparknet.overrides"] == [f"lab_dir={lab}"] and len(attrs["sparknet.mixture_sha256"]) == 64
 
     client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
     exp = client.get_experiment_by_name("four")
@@ -81,33 +119,187 @@ def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(l
     assert all("val/loss" in r.data.metrics for r in children if r.info.status == "FINISHED")
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"optimization_history.png", "trials.csv", "best.yaml", "best_overrides.yaml"} <= arts
-    assert parent[0].data.metrics["best_val_loss"] == pytest.approx(study.best_value)
+    assert parent[0].data.metrics["best_value"] == pytest.approx(study.best_value)
 
     best = lab / "experiments" / "four" / "best.yaml"
     assert best.exists() and (lab / "experiments" / "four" / "README.md").exists()
     assert run_main([str(best), "--dry-run"]) == 0  # sparknet.run accepts it as it is
     dry = capsys.readouterr().out
     assert "131,072 tokens" in dry  # the full budget, not the proxy
-    from sparknet.config import load_config
     cfg = load_config(best)
     assert cfg.train.lr == pytest.approx(study.best_params["train.lr"])
     assert cfg.train.min_lr == pytest.approx(0.1 * cfg.train.lr)  # the recipe's min/peak ratio is kept
+    import yaml
+
+    overrides = yaml.safe_load((lab / "experiments" / "four" / "best_overrides.yaml").read_text())
+    assert to_dict(load_config(lab / "tiny.yaml", overrides_args(overrides))) == to_dict(cfg)
 
 
-def test_rerunning_a_finished_study_adds_no_trials(lab, monkeypatch):
+@pytest.mark.parametrize("space_params, params, min_lr", [
+    ("train.lr: {low: 1.0e-3, high: 1.0e-2, log: true}", {"train.lr": 6e-3}, 6e-4),  # the recipe's ratio 0.1
+    ("train.lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n  train.min_lr_ratio: {low: 0.01, high: 0.5}",
+     {"train.lr": 6e-3, "train.min_lr_ratio": 0.25}, 1.5e-3),
+    ("train.min_lr_ratio: {low: 0.01, high: 0.5}", {"train.min_lr_ratio": 0.05}, 1.5e-4),  # x the recipe's lr
+])
+def test_best_overrides_reproduce_best_yaml_with_real_config_keys_only(lab, tmp_path, monkeypatch, space_params,
+                                                                        params, min_lr):
+    import optuna
+    import yaml
+
+    from sparknet.sweep import Sweep, finish, load_space, overrides_args, suggest
+
+    monkeypatch.chdir(tmp_path)
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(f"params:\n  {space_params}\n")
+    base = [f"lab_dir={lab}", "model.n_embd=32"]  # the user's overrides are part of what best.yaml is
+    space = load_space(space_file, lab / "tiny.yaml", base)
+    sweep = Sweep(str(lab / "tiny.yaml"), space, base, 1, 8192, "bo", "sqlite://", None, 60)
+    study = optuna.create_study(study_name="bo")  # in memory: finish() needs only the trials
+    study.enqueue_trial(params)  # as if the sampler had drawn them
+    trial = study.ask()
+    suggest(trial, space)
+    study.tell(trial, 4.2)
+    finish(sweep, study, tmp_path)
+    written = yaml.safe_load((tmp_path / "experiments" / "bo" / "best_overrides.yaml").read_text())
+    assert "train.min_lr_ratio" not in written and written["train.min_lr"] == pytest.approx(min_lr, rel=1e-12)
+    assert written["model.n_embd"] == 32 and written["lab_dir"] == str(lab)
+    best = load_config(tmp_path / "experiments" / "bo" / "best.yaml")
+    assert best.train.min_lr == pytest.approx(min_lr, rel=1e-12) and best.model.n_embd == 32
+    assert to_dict(load_config(lab / "tiny.yaml", overrides_args(written))) == to_dict(best)
+
+
+def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, monkeypatch, capsys):
     monkeypatch.chdir(lab)
-    before = trial_states(f"sqlite:///{lab / 'optuna.db'}", "four")
-    assert main(args_for(lab, "four")) == 0
+    readme = lab / "experiments" / "four" / "README.md"
+    before, text = trial_states(f"sqlite:///{lab / 'optuna.db'}", "four"), readme.read_text()
+    mtime = readme.stat().st_mtime_ns
+    assert main(args_for(lab, "four", "train.log_every_steps=5")) == 0  # an operational override: the same study
     assert trial_states(f"sqlite:///{lab / 'optuna.db'}", "four") == before
+    assert readme.stat().st_mtime_ns == mtime and readme.read_text() == text
+    assert "summary in experiments/four/ was written by" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--proxy-tokens", "4096"], "its proxy budget is 8,192 tokens, this command asks for 4,096 (--proxy-tokens)"),
+    (["train.beta2=0.9"], "its recipe has train.beta2=0.95, this command gives train.beta2=0.9"),
+    (["model.preset=cpu-small"], "its recipe has model.preset=cpu-tiny, this command gives model.preset=cpu-small"),
+    (["--objective", "val/docs"], "it minimizes val, this command asks for val/docs (--objective)"),
+    (["SPACE"], "its space has train.lr: {\"high\": 0.01, \"log\": true, \"low\": 0.001, \"type\": \"float\"}, "
+                "this space has {\"high\": 0.02"),
+])
+def test_a_study_remembers_what_it_is(lab, tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(lab)
+    url = f"sqlite:///{lab / 'optuna.db'}"
+    readme = lab / "experiments" / "four" / "README.md"
+    before, text = trial_states(url, "four"), readme.read_text()
+    space = None
+    if change == ["SPACE"]:
+        space, change = tmp_path / "wider.yaml", []
+        space.write_text(SPACE.replace("high: 1.0e-2", "high: 2.0e-2"))
+    assert main(args_for(lab, "four", *change, space=space)) == 2  # a later --proxy-tokens wins
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --study four: ") and message in err, err
+    assert "--study NAME" in err  # the fix
+    assert trial_states(url, "four") == before and readme.read_text() == text  # nothing trained, nothing rewritten
+
+
+def test_an_interrupt_leaves_the_trial_resumable_and_its_retry_continues_the_pruning_steps(lab, monkeypatch, capsys):
+    """SIGTERM at the second evaluation of trial 1: the trial is failed with the reason and queued again; the rerun
+    resumes its checkpoint (2,048 tokens) and reports evaluations 1 and 2, not 0 and 1. The objective is one
+    source's loss (val/code), the value the pruner sees at every step too."""
+    import sparknet.run
+
+    monkeypatch.chdir(lab)
+    real = sparknet.run.execute
+    evals = []
+
+    def execute(cfg, **kw):
+        on_eval = kw["on_eval"]
+
+        def hooked(tokens, val):
+            evals.append((cfg.name, tokens))
+            if cfg.name.endswith("-t1") and tokens == 4096 and len([e for e in evals if e[0] == cfg.name]) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # a real signal, through the sweep's handler
+            on_eval(tokens, val)
+
+        return real(cfg, **dict(kw, on_eval=hooked))
+
+    monkeypatch.setattr(sparknet.run, "execute", execute)
+    argv = args_for(lab, "sig", "--objective", "val/code", "train.checkpoint_every_tokens=2048", trials=2)
+    assert main(argv) == 130
+    study = load(lab, "sig")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "WAITING"]  # never RUNNING; queued again
+    failed, queued = study.trials[1], study.trials[2]
+    assert failed.user_attrs["reason"].startswith("interrupted by SIGTERM while training")
+    assert list(failed.intermediate_values) == [0]
+    assert queued.params == failed.params and queued.system_attrs["failed_trial"] == 1
+
+    monkeypatch.setattr(sparknet.run, "execute", real)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(retry of trial 1)" in out and "resuming from step-00000004: 2,048 of 8,192 tokens done" in out
+    study = load(lab, "sig")
+    retry = study.trials[2]
+    assert retry.state.name == "COMPLETE" and retry.params == failed.params
+    assert sorted(retry.intermediate_values) == [1, 2]  # 4,096 and 6,144 tokens: the same points as trial 0
+    assert sorted(study.trials[0].intermediate_values) == [0, 1, 2]
+    assert Path(retry.user_attrs["run_dir"]).name.startswith("sig-t1-")  # the original's run folder, continued
+    for t in (study.trials[0], retry):  # the objective is the code source's loss, at every step and at the end
+        assert t.value == pytest.approx(t.user_attrs["val_loss"]["code"])
+        for step, value in t.intermediate_values.items():
+            assert value == pytest.approx(t.user_attrs["val_loss_by_eval"][str(step)]["code"])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the sweep's handler is gone again
+
+
+def test_failed_trials_are_recorded_with_their_reason_and_never_retried(lab, monkeypatch, capsys):
+    import sparknet.run
+    from sparknet.sweep import Sweep
+
+    monkeypatch.chdir(lab)
+    argv = args_for(lab, "fails", trials=2)
+    real_config, real_execute = Sweep.trial_config, sparknet.run.execute
+
+    def trial_config(self, params, origin):
+        if origin == 1:  # parameters the config rejects: failed, and the worker goes on
+            raise ConfigError("space.yaml", "train.lr", "rejected for the test")
+        return real_config(self, params, origin)
+
+    def execute(cfg, **kw):
+        if cfg.name.endswith("-t2"):
+            raise SparknetError("the disk is full (fix: free some space)")
+        return real_execute(cfg, **kw)
+
+    monkeypatch.setattr(Sweep, "trial_config", trial_config)
+    monkeypatch.setattr(sparknet.run, "execute", execute)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trial 2 failed while training (recorded as failed, not retried)" in err
+
+    def boom(cfg, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sparknet.run, "execute", boom)  # a bug: its traceback, but the trial is not left RUNNING
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+    monkeypatch.setattr(sparknet.run, "execute", real_execute)
+    monkeypatch.setattr(Sweep, "trial_config", real_config)
+    assert main(argv) == 0
+    trials = load(lab, "fails").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["reason"].startswith("building its config: space.yaml: train.lr: rejected")
+    assert trials[2].user_attrs["reason"] == "training: the disk is full (fix: free some space)"
+    assert trials[3].user_attrs["reason"] == "training: RuntimeError: boom"
+    assert all("failed_trial" not in t.system_attrs for t in trials)  # a failure is never retried
 
 
 def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, subprocess_env):
     url = f"sqlite:///{lab / 'killed.db'}"
-    cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=3,
+    cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=2,
                                                                storage=url)]
     proc = subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 240
     killed = False
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -127,7 +319,7 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, 
     done = subprocess.run(cmd, env=subprocess_env, cwd=lab, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     states = trial_states(url, "killed")
-    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 3
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
     assert states.get("FAIL") == 1 and "RUNNING" not in states  # the killed trial, failed by its heartbeat
     import optuna
     retried = [t for t in optuna.load_study(study_name="killed", storage=url).trials
@@ -135,21 +327,118 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, 
     assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")  # same params, rerun
 
 
-def test_pruning_stops_a_deliberately_bad_space(lab, monkeypatch):
-    import optuna
+def test_a_trial_left_running_without_any_heartbeat_is_failed_and_retried(lab, monkeypatch, capsys):
+    """A worker killed between taking a trial and its first heartbeat (Optuna never fails a RUNNING trial that has
+    no heartbeat at all): the next run gives it one beat under the lock, so it goes stale and is retried."""
+    monkeypatch.chdir(lab)
+    url = f"sqlite:///{lab / 'orphan.db'}"
+    assert main(args_for(lab, "orphan", trials=1, storage=url)) == 0
+    orphan = load(lab, "orphan", url).ask()  # RUNNING, no heartbeat: what the dead worker left
+    assert main(args_for(lab, "orphan", "--heartbeat", "1", trials=2, storage=url)) == 0
+    trials = load(lab, "orphan", url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].system_attrs["failed_trial"] == orphan.number == 1  # (it had drawn no parameters yet)
 
-    bad = lab / "bad_space.yaml"  # learning rates 3 orders of magnitude too small: nothing is learned
+
+def test_pruning_stops_a_deliberately_bad_space(lab, monkeypatch):
+    """The mixture's lr is 1e-6 for this study and the space searches below it: every later trial learns less than
+    the baseline by its first evaluation, and the median pruner (which compares completed trials only) stops each
+    there, at step 0."""
+    bad = lab / "bad_space.yaml"
     bad.write_text(SPACE.replace("low: 1.0e-3, high: 1.0e-2", "low: 1.0e-7, high: 1.0e-6")
                    .replace("n_startup_trials: 2, n_warmup_steps: 1", "n_startup_trials: 1, n_warmup_steps: 0"))
     monkeypatch.chdir(lab)
-    argv = args_for(lab, "bad")
-    argv[argv.index("--space") + 1] = str(bad)
-    assert main(argv) == 0
-    trials = optuna.load_study(study_name="bad", storage=f"sqlite:///{lab / 'optuna.db'}").trials
-    pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert trials[0].state.name == "COMPLETE" and len(pruned) >= 2
+    assert main(args_for(lab, "bad", "train.lr=1.0e-6", "train.min_lr=1.0e-7", space=bad)) == 0
+    trials = load(lab, "bad").trials
+    assert trials[0].state.name == "COMPLETE" and trials[0].params["train.lr"] == pytest.approx(1e-6)
+    pruned = trials[1:]
+    assert len(pruned) == 3 and all(t.state.name == "PRUNED" for t in pruned)
     assert all("worse than the median" in t.user_attrs["reason"] for t in pruned)
-    assert all(t.params["train.lr"] < 1e-5 for t in pruned)
+    assert all(list(t.intermediate_values) == [0] and t.params["train.lr"] < 1e-6 for t in pruned)
+
+
+def write_wikitext_valid(folder: Path, seed: int = 0) -> Path:
+    """A small file in wiki.valid.raw's layout (rows joined by "\\n"; blank rows empty; headings as WikiText has
+    them). What it says does not matter for the mechanics, only that it is the validation split."""
+    rng = random.Random(seed)
+    words = "the of a river city was in and to built north song album game first season team".split()
+    rows = []
+    for i in range(12):
+        rows += ["", f" = Article {i} = \n", ""]
+        rows += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + " .\n" for _ in range(3)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wiki.valid.raw").write_text("\n".join(rows), encoding="utf-8")
+    return folder
+
+
+def test_wikitext_valid_objective_scores_the_validation_split_in_bits_per_byte(lab, tmp_path, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+    from mlflow.tracking import MlflowClient
+
+    from sparknet.evaluate import load_wikitext
+    from sparknet.model import load_exported
+    from sparknet.prepare import resolve_tokenizer
+
+    monkeypatch.chdir(lab)
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    wiki = write_wikitext_valid(tmp_path / "wikitext")
+    (wiki / "wiki.test.raw").write_text("not\na\nwikitext\nfile\n")  # never read: scoring it would fail
+    argv = args_for(lab, "wiki", "--objective", "wikitext-valid", f"eval.wikitext_path={wiki}", trials=2)
+    assert main(argv) == 0
+    study = load(lab, "wiki")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and study.user_attrs["sparknet.objective"] == "wikitext-valid"
+    assert study.user_attrs["sparknet.objective_data"]["rows"] == len(load_wikitext("validation", wiki))
+
+    # Bits per byte recomputed by hand from the final model: windows of the context, each token after a window's
+    # first one scored once; mean NLL / ln 2 x tokens of the text / its UTF-8 bytes.
+    cfg = load_config(lab / "tiny.yaml", [f"lab_dir={lab}"])
+    tok = resolve_tokenizer(cfg, 1)
+    text = "\n\n".join(load_wikitext("validation", wiki))
+    ids = tok.encode_batch([text])[0]
+    for t in done:
+        model = load_exported(Path(t.user_attrs["run_dir"]) / "final", cfg.model).eval()
+        ctx = model.shape.n_positions
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for begin in range(0, len(ids), ctx):
+                window = torch.tensor([ids[begin:begin + ctx]])
+                if window.shape[1] < 2:
+                    continue
+                logits = model(window)[0, :-1, :tok.vocab_size].double()
+                nll += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+                count += window.shape[1] - 1
+        bpb = nll / count / math.log(2) * len(ids) / len(text.encode("utf-8"))
+        assert t.value == pytest.approx(bpb, rel=1e-4) and t.user_attrs["wikitext_valid_bpb"] == t.value
+        assert 0.5 < t.value < 10  # bits per byte of a barely trained model, not nats per token
+        # Pruning used the mean held-out loss (each evaluation), the final value is bits per byte.
+        for step, value in t.intermediate_values.items():
+            assert value == pytest.approx(sum(t.user_attrs["val_loss_by_eval"][str(step)].values()) / 2)
+    client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
+    run = client.get_run(done[0].user_attrs["mlflow_run_id"])
+    assert run.data.metrics["wikitext-valid/bpb"] == pytest.approx(done[0].value)
+    assert run.data.tags["sparknet.tuned_on"] == "wikitext-2-validation"
+    readme = (lab / "experiments" / "wiki" / "README.md").read_text()
+    assert "minimizing wikitext-valid/bpb (bits/byte; pruned on val/loss" in readme and "tuned on" in readme
+    assert "tuned" in (lab / "experiments" / "wiki" / "best.yaml").read_text().splitlines()[2]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("eval.wikitext_path=EMPTY", "no WikiText-2 validation file in it"),
+    ("", "WikiText-2 is not reachable offline"),
+])
+def test_wikitext_valid_without_the_data_fails_before_any_trial(lab, tmp_path, monkeypatch, capsys, setting,
+                                                                message):
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    extra = [setting.replace("EMPTY", str(tmp_path / "empty"))] if setting else []
+    argv = args_for(lab, "nowiki", "--objective", "wikitext-valid", *extra, storage=f"sqlite:///{tmp_path / 'n.db'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "n.db").exists()  # nothing started
 
 
 def _pg_binaries() -> bool:
@@ -174,23 +463,35 @@ def postgres(subprocess_env):
     shutil.rmtree(data, ignore_errors=True)
 
 
-def test_two_workers_share_one_study_on_postgresql(lab, postgres, subprocess_env):
+def test_two_workers_share_one_study_on_postgresql_and_one_of_them_concludes(lab, postgres, subprocess_env):
     import optuna
+    from mlflow.tracking import MlflowClient
 
     url = postgres
     assert url.startswith("postgresql://") and "127.0.0.1" in url
-    cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "pg", trials=5, storage=url)]
-    workers = [subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]
+    # A 16k-token full budget, so that --confirm (the best config at the full budget) takes seconds.
+    cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "pg", "--confirm", "mixture.total_tokens=16384",
+                                                               trials=3, storage=url)]
+    workers = [subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outs[0][-2000:] + outs[1][-2000:]
     trials = optuna.load_study(study_name="pg", storage=url).trials
-    assert len(trials) == 5 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)  # none lost, no extra
-    assert sorted(t.number for t in trials) == list(range(5))
+    assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)  # none lost, no extra
+    assert sorted(t.number for t in trials) == list(range(3))
     params = {tuple(sorted(t.params.items())) for t in trials}
-    assert len(params) == 5  # no trial duplicated across workers
-    ran = [o.count(": val/loss") + o.count("pruned at") for o in outs]
-    assert sum(ran) == 5 and min(ran) >= 1, ran  # both workers did work, 5 trials in all
+    assert len(params) == 3  # no trial duplicated across workers
+    ran = [o.count(" complete: val/loss") + o.count(" pruned: ") for o in outs]
+    assert sum(ran) == 3 and min(ran) >= 1, ran  # both workers did work, 3 trials in all
+    # The end happens once: one worker writes the summary and trains the confirmation, the other says so.
+    assert sorted(o.count("wrote experiments/pg/") for o in outs) == [0, 1], outs
+    assert sorted(o.count("confirming trial") for o in outs) == [0, 1], outs
+    client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pg").experiment_id])
+    confirm = [r for r in runs if r.data.tags.get("sparknet.confirm") == "true"]
+    assert len(confirm) == 1 and confirm[0].info.status == "FINISHED"
+    assert confirm[0].data.params["mixture.total_tokens"] == "16384"
+    assert len([r for r in runs if r.data.tags.get("sparknet.kind") == "sweep"]) == 1
 
 
 @pytest.mark.parametrize("space, message", [
@@ -201,17 +502,55 @@ def test_two_workers_share_one_study_on_postgresql(lab, postgres, subprocess_env
     ("paramz: {}", "paramz: unknown key"),
     ("params: {train.lr: [1, 2]}", "params.train.lr: must be a mapping"),
     ("eval_points: 0\nparams: {train.lr: {low: 1.0e-4, high: 1.0e-3}}", "eval_points: must be an integer"),
-    ("params: {train.lr: {low: 1.0e-4, high: 1.0e-3}\n", "not valid YAML"),
+    ("params: {train.lr: {low: 1.0e-4, high: 1.0e-3}\n", "invalid YAML"),
+    ("params:\n  train.lr: {low: 1.0e-3, high: 1.0e-2}\n  train.lr: {low: 1.0e-3, high: 2.0e-2}",
+     "duplicate key 'train.lr'"),
+    # Every choice is checked, not only the first.
+    ("params: {train.weight_decay: {choices: [0.1, -1.0]}}", "params.train.weight_decay: value -1.0 is rejected"),
+    ("params: {train.batch_tokens: {choices: [512, 768]}}", "params.train.batch_tokens: value 768 is rejected"),
+    ("params: {model.n_layer: {low: 1.5, high: 4, type: int}}", "type int needs whole-number bounds"),
+    ("params: {model.n_layer: {low: 1, high: 4}}", "is a whole number in the config, but this range would draw"),
+    ("params: {train.schedule: {low: 0, high: 1}}", "is not a number in the config"),
+    ("params: {train.lr: {low: 1.0e-3, high: 1.0e-2, log: \"false\"}}", "log must be true or false, got 'false'"),
+    ("params: {train.lr: {low: 1.0e-3, high: 1.0e-2, step: 1.0e-3}}", "unknown field 'step'"),
+    ("params: {train.lr: {choices: [1.0e-3, 3.0e-3], low: 1.0e-3}}", "choices cannot be combined with low"),
+    ("params: {train.lr: {choices: [3.0e-3]}}", "at least two values"),
+    # The baseline (trial 0, the mixture's own values) must be inside what is searched.
+    ("params: {train.lr: {low: 1.0e-4, high: 1.0e-3}}",
+     "params.train.lr: the mixture's own value 0.003 (trial 0, the baseline) is outside [0.0001, 0.001]"),
+    ("params: {train.batch_tokens: {choices: [1024, 2048]}}",
+     "the mixture's own value 512 (trial 0, the baseline) is not among the choices [1024, 2048] (fix: add 512"),
+    ("params: {model.n_layer: {low: 3, high: 4, type: int}}", "the mixture's own value 2 (trial 0, the baseline)"),
+    # Not the recipe, or not the space's to set.
+    ("params: {train.micro_batch_size: {choices: [4, 8]}}", "does not change what is trained"),
+    ("params: {train.grad_accum_steps: {choices: [1, 2]}}", "is derived now"),
+    ("params: {mixture.total_tokens: {low: 4096, high: 8192, type: int}}", "is the proxy budget of every trial"),
+    ("params:\n  train.lr: {low: 1.0e-3, high: 1.0e-2}\n  train.min_lr: {low: 1.0e-5, high: 1.0e-4}",
+     "search train.min_lr_ratio"),
+    ("objective: val/nope\nparams: {train.lr: {low: 1.0e-3, high: 1.0e-2}}",
+     "objective: objective 'val/nope': the mixture has no source 'nope' (fix: use val, val/<source> (docs, code)"),
 ])
 def test_bad_space_files_fail_before_any_trial(lab, tmp_path, capsys, space, message):
     path = tmp_path / "space.yaml"
     path.write_text(space)
-    argv = args_for(lab, "never", storage=f"sqlite:///{tmp_path / 'never.db'}")
-    argv[argv.index("--space") + 1] = str(path)
+    argv = args_for(lab, "never", storage=f"sqlite:///{tmp_path / 'never.db'}", space=path)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
     assert not (tmp_path / "never.db").exists()  # nothing started
+
+
+@pytest.mark.parametrize("objective, message", [
+    ("val/nope", "--objective: objective 'val/nope': the mixture has no source 'nope'"),
+    ("wikitext-test", "--objective: objective 'wikitext-test': unknown (fix: use val, val/<source> (docs, code) or "
+                      "wikitext-valid)"),
+])
+def test_bad_objectives_fail_before_any_trial(lab, tmp_path, capsys, objective, message):
+    argv = args_for(lab, "never", "--objective", objective, storage=f"sqlite:///{tmp_path / 'never.db'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "never.db").exists()
 
 
 def test_unreachable_storage_is_a_clear_error(lab, capsys):

@@ -1,0 +1,457 @@
+"""Mixture ablations (`python -m sparknet.ablate`) on three sources of text every Python installation carries (the
+standard library's docstrings, the installed packages' READMEs, the standard library's code): a leave-one-out study
+with two seeds that answers with a table, plots, a fitted-model verdict and a runnable best.yaml, where removing a
+source raises that source's held-out loss (a real effect of the data) and every run's realized tokens per source
+equal its plan; a study that remembers what it is (and grows with --seeds); grid and random designs through the
+command; a worker killed mid-study and rerun, and two workers sharing one study, finishing exactly the planned
+runs; staged mixtures ablating one stage; and a one-line error (exit 2, nothing trained) for every bad design."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparknet.ablate import main
+
+SOURCES = [
+    {"name": "docs", "kind": "pydocs", "part": "docstrings", "weight": 0.4, "max_repeats": 8},
+    {"name": "readmes", "kind": "pydocs", "part": "readmes", "weight": 0.3, "max_repeats": 8},
+    {"name": "code", "kind": "pydocs", "part": "code", "weight": 0.3, "max_repeats": 8},
+]
+NAMES = ("docs", "readmes", "code")
+PROXY = 16384  # 32 steps of 8 x 64 tokens with cpu-tiny: about a second of training a run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_runs():
+    """In-process runs on a busy 2-core machine: one torch thread (OpenMP's spinning threads make each tiny op take
+    milliseconds). Subprocess workers get OMP_NUM_THREADS=1 from conftest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_wikitext_valid(folder: Path, seed: int = 0) -> Path:
+    """A small file in wiki.valid.raw's layout (rows joined by "\\n", headings as WikiText has them): what it says
+    does not matter for the mechanics, only that it is read as the validation split."""
+    rng = random.Random(seed)
+    words = "the of a river city was in and to built north song album game first season team".split()
+    rows = []
+    for i in range(10):
+        rows += ["", f" = Article {i} = \n", ""]
+        rows += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + " .\n" for _ in range(3)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wiki.valid.raw").write_text("\n".join(rows), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, tiny_mixture):
+    d = tmp_path_factory.mktemp("ablatelab")
+    tiny_mixture(d, mixture={"sources": SOURCES})  # the tests' tiny recipe, with three sources
+    (d / "tiny.yaml").rename(d / "tri.yaml")
+    write_wikitext_valid(d / "wikitext")
+    return d
+
+
+def args_for(lab: Path, study: str, *extra: str, design: str = "leave-one-out", storage: str | None = None,
+             mixture: str = "tri.yaml") -> list[str]:
+    return [str(lab / mixture), "--design", design, "--proxy-tokens", str(PROXY), "--study", study, "--storage",
+            storage or f"sqlite:///{lab / 'optuna.db'}", *extra, f"lab_dir={lab}"]
+
+
+def load(url: str, study: str):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=url)
+
+
+def keys(trials) -> list[tuple[int, int]]:
+    """(point, seed) of each trial, from the fixed params it was queued with (a trial killed before it drew them has
+    no params yet)."""
+    from sparknet.ablate import _key_of
+
+    return sorted(_key_of(t) for t in trials)
+
+
+def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_config(lab, monkeypatch, capsys):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from sparknet.config import load_config
+    from sparknet.mixture import build_plan
+    from sparknet.run import main as run_main
+
+    monkeypatch.chdir(lab)
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    # The default objective: WikiText-2 validation bits per byte (a small file in its layout, as in test_sweep).
+    argv = args_for(lab, "loo", "--seeds", "2", f"eval.wikitext_path={lab / 'wikitext'}")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    url = f"sqlite:///{lab / 'optuna.db'}"
+    study = load(url, "loo")
+    assert len(study.trials) == 8 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert keys(study.trials) == [(p, s) for p in range(4) for s in (1337, 1338)]  # 4 points x 2 seeds, once each
+    attrs = study.user_attrs
+    assert attrs["sparknet.kind"] == "ablate" and attrs["sparknet.objective"] == "wikitext-valid"
+    assert attrs["sparknet.seeds"] == 2 and attrs["sparknet.proxy_tokens"] == PROXY
+    assert [p[0] for p in attrs["sparknet.design"]["points"]] == ["base", "without docs", "without readmes",
+                                                                 "without code"]
+    for t in study.trials:  # the objective is the run's WikiText-2 validation bits per byte
+        assert t.value == t.user_attrs["wikitext_valid_bpb"] and 0.5 < t.value < 10
+        assert set(t.user_attrs["val_loss"]) == set(NAMES)  # every source's loss: any objective can be read later
+
+    folder = lab / "experiments" / "loo"
+    for name in ("README.md", "results.csv", "best.yaml", "loss_vs_weight.png", "objective.png"):
+        assert (folder / name).stat().st_size > 0, name
+    runs = pd.read_csv(folder / "results.csv")
+    assert len(runs) == 8 and list(runs["wikitext-valid/bpb"]) == sorted(runs["wikitext-valid/bpb"])
+    base_cfg = load_config(lab / "tri.yaml", [f"lab_dir={lab}"])
+    for _, r in runs.iterrows():
+        # Realized tokens (counted from the trained batches) equal the point's plan, which its weights give.
+        weights = [r[f"weight.{n}"] for n in NAMES]
+        cfg = load_config(lab / "tri.yaml", [f"lab_dir={lab}", f"mixture.total_tokens={PROXY}",
+                                             *(f"mixture.sources.{n}.weight={w}" for n, w in zip(NAMES, weights))])
+        plan = build_plan(cfg.mixture, cfg.train.seq_len).tokens_per_source()
+        assert [r[f"tokens.{n}"] for n in NAMES] == [r[f"planned.{n}"] for n in NAMES] == list(plan)
+        assert sum(r[f"tokens.{n}"] for n in NAMES) == PROXY
+        assert all((r[f"tokens.{n}"] == 0) == (r[f"weight.{n}"] == 0) for n in NAMES)
+    means = runs.groupby("mixture")[[f"val/loss/{n}" for n in NAMES]].mean()
+    for n in NAMES:  # the data's own effect: a source left out is predicted worse than when it was trained on
+        assert means.loc[f"without {n}", f"val/loss/{n}"] > means.loc["base", f"val/loss/{n}"] + 0.01, means
+
+    readme = (folder / "README.md").read_text()
+    assert "python -m sparknet.ablate" in readme and "--design leave-one-out" in readme and "--seeds 2" in readme
+    table = [line for line in readme.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:4] == ["mixture", "w docs", "w readmes", "w code"] and "sd over seeds" in header
+    assert {"tokens docs", "val/docs", "val/code", "wikitext-valid/bpb"} <= set(header)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[1:]]
+    objective = [float(r[header.index("wikitext-valid/bpb")]) for r in rows]
+    assert len(rows) == 4 and objective == sorted(objective)  # one row per point, best first
+    for r in rows:  # the mean over the two seeds, and their spread
+        seeds = runs[runs["mixture"] == r[0]]["wikitext-valid/bpb"]
+        assert float(r[header.index("wikitext-valid/bpb")]) == pytest.approx(seeds.mean(), abs=6e-5)
+        assert float(r[header.index("sd over seeds")]) == pytest.approx(seeds.std(ddof=1), abs=6e-5)
+    for n in NAMES:
+        assert re.search(rf"Removing {n} raised val/{n} by \d\.\d\d nats/token", readme), readme
+    assert "The spread between seeds is" in readme and "No model fitted: 4 measured point(s)" in readme
+    assert "tuned" in readme and "Realized tokens per source equal each point's plan" in readme
+
+    best = folder / "best.yaml"
+    best_point = runs.groupby("mixture")["wikitext-valid/bpb"].mean().idxmin()
+    cfg = load_config(best)  # the best measured mixture (no trusted fit from 4 points) at the full budget
+    got = {s.name: s.weight for s in cfg.mixture.sources}
+    want = runs[runs["mixture"] == best_point].iloc[0]
+    assert got == {n: pytest.approx(want[f"weight.{n}"]) for n in NAMES}
+    assert cfg.mixture.total_tokens == base_cfg.mixture.total_tokens and "tuned" in best.read_text().splitlines()[3]
+    assert run_main([str(best), "--dry-run"]) == 0  # sparknet.run accepts it as it is
+    assert "131,072 tokens" in capsys.readouterr().out
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
+    mruns = client.search_runs([client.get_experiment_by_name("loo").experiment_id])
+    parent = [r for r in mruns if r.data.tags.get("sparknet.kind") == "ablate"]
+    children = [r for r in mruns if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["sparknet.tuned_on"] == "wikitext-2-validation"
+    assert len(children) == 8 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parent[0].info.run_id}
+    assert all(r.data.tags["sparknet.tuned_on"] == "wikitext-2-validation" for r in children)
+    assert all(r.data.params["mixture.total_tokens"] == str(PROXY) for r in children)
+    arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"objective.png", "loss_vs_weight.png", "results.csv", "best.yaml", "README.md"} <= arts
+    assert out.count("wrote experiments/loo/") == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--proxy-tokens", "8192"], "its proxy budget is 16,384 tokens, this command asks for 8,192 (--proxy-tokens)"),
+    (["--design", "single-source"], "its design is leave-one-out (4 points), this command's is single-source "
+                                    "(3 points) (--design)"),
+    (["--objective", "val"], "it minimizes wikitext-valid, this command asks for val (--objective)"),
+    (["train.lr=0.001"], "its recipe has train.lr=0.003, this command gives train.lr=0.001"),
+    (["--seeds", "1"], "it has 2 seeds per point, this command asks for 1 (--seeds may grow, not shrink: --seeds 2)"),
+])
+def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(lab)
+    url = f"sqlite:///{lab / 'optuna.db'}"
+    readme = lab / "experiments" / "loo" / "README.md"
+    before, text = len(load(url, "loo").trials), readme.read_text()
+    argv = args_for(lab, "loo", "--seeds", "2", f"eval.wikitext_path={lab / 'wikitext'}")
+    changed = [*argv, *change]  # a later flag wins
+    if "--design" in change:
+        changed = [*argv]
+        changed[argv.index("--design") + 1] = change[1]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --study loo: ") and message in err, err
+    assert len(load(url, "loo").trials) == before and readme.read_text() == text  # nothing trained or rewritten
+
+    assert main([*argv, "train.log_every_steps=3"]) == 0  # the same study (an operational override): nothing to do
+    assert "summary in experiments/loo/ was written by" in capsys.readouterr().out
+    assert len(load(url, "loo").trials) == before and readme.read_text() == text
+
+
+def test_more_seeds_grow_the_study_by_their_runs_only(lab, monkeypatch, capsys):
+    monkeypatch.chdir(lab)
+    url = f"sqlite:///{lab / 'optuna.db'}"
+    argv = args_for(lab, "loo", "--seeds", "3", f"eval.wikitext_path={lab / 'wikitext'}")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    study = load(url, "loo")
+    assert keys(study.trials) == [(p, s) for p in range(4) for s in (1337, 1338, 1339)]  # 4 new runs, seed 1339
+    assert out.count("complete: wikitext-valid/bpb") == 4 and "0 of 12 runs" not in out
+    assert study.user_attrs["sparknet.seeds"] == 3
+    readme = (lab / "experiments" / "loo" / "README.md").read_text()
+    assert "(12 runs," in readme and "--seeds 3" in readme and "over the 3 seeds" in readme
+
+
+def _dry_points(capsys, argv) -> list[tuple[str, tuple[float, ...], tuple[int, ...]]]:
+    assert main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = []
+    for line in lines[2:]:
+        cells = line.split()
+        out.append((" ".join(cells[1:-6]), tuple(float(x) for x in cells[-6:-3]),
+                    tuple(int(x.replace(",", "")) for x in cells[-3:])))
+    return out
+
+
+def test_grid_and_random_designs_give_the_right_points(lab, capsys, tmp_path):
+    grid = _dry_points(capsys, args_for(lab, "g", design="grid:0.25", storage=f"sqlite:///{tmp_path / 'n.db'}"))
+    assert len(grid) == 15 == math.comb(4 + 2, 2)  # the simplex lattice of step 1/4 over three sources
+    w = np.array([p[1] for p in grid])
+    assert np.allclose(w.sum(axis=1), 1) and np.allclose(w * 4, np.round(w * 4)) and len({p[1] for p in grid}) == 15
+    assert all(sum(p[2]) == PROXY for p in grid)  # each point's plan spends the proxy budget exactly
+    assert all((t == 0) == (x == 0) for p in grid for x, t in zip(p[1], p[2]))
+    first = _dry_points(capsys, args_for(lab, "r", design="random:6"))
+    again = _dry_points(capsys, args_for(lab, "r", design="random:6"))
+    other = _dry_points(capsys, args_for(lab, "r", "--design-seed", "1", design="random:6"))
+    assert len(first) == 6 and first == again and first != other  # seeded Dirichlet draws
+    w = np.array([p[1] for p in first])
+    assert np.allclose(w.sum(axis=1), 1, atol=3e-4) and (w > 0).all()
+    assert not (tmp_path / "n.db").exists() and not (lab / "experiments" / "g").exists()  # --dry-run starts nothing
+
+
+@pytest.mark.parametrize("design, extra, message", [
+    ("FILE:points:\n  - {weights: {docs: 0.5, web: 0.5}}\n", [], "points[0].weights.web: no source named 'web'"),
+    ("FILE:points:\n  - {weights: {docs: 0.5, code: 0.4}}\n", [], "points[0].weights: sum to 0.9, not 1"),
+    ("FILE:points: []\n", [], "points: expected a non-empty list"),
+    ("FILE:points:\n  - {weights: {docs: 1}}\n  - {weights: {docs: 1.0}}\n", [],
+     "points[1].weights: the same mixture as points[0]"),
+    ("grid:", [], "'grid:': the step is not a number"),
+    ("grid:0.3", [], "the step 0.3 does not divide 1"),
+    ("leave-two-out", [], "unknown design 'leave-two-out'"),
+    ("leave-one-out", ["--stage", "1"], "--stage 1: the mixture has no stages"),
+    ("leave-one-out", ["--seeds", "0"], "--seeds: must be >= 1"),
+    ("NONE", [], "--design: required"),
+    ("leave-one-out", ["--objective", "val/web"], "--objective: objective 'val/web': the mixture has no source 'web'"),
+    ("FILE:points:\n  - {weights: {docs: 0.999, code: 0.001}}\n", ["--proxy-tokens", "4096"],
+     "point 0 (docs100 code0: docs=0.999 readmes=0 code=0.001): mixture.total_tokens: 4096 tokens (64 sequences"),
+])
+def test_bad_designs_are_one_line_errors_before_anything_runs(lab, tmp_path, capsys, design, extra, message):
+    storage = tmp_path / "never.db"
+    argv = args_for(lab, "never", *extra, storage=f"sqlite:///{storage}")
+    if design.startswith("FILE:"):
+        (tmp_path / "design.yaml").write_text(design.removeprefix("FILE:"))
+        design = str(tmp_path / "design.yaml")
+    if design == "NONE":
+        i = argv.index("--design")
+        del argv[i:i + 2]
+    else:
+        argv[argv.index("--design") + 1] = design
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not storage.exists() and not (lab / "experiments" / "never").exists()  # nothing started
+
+
+def test_the_default_objective_without_wikitext_fails_before_anything_starts(lab, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    (tmp_path / "empty").mkdir()
+    storage = tmp_path / "never.db"
+    assert main(args_for(lab, "nowiki", f"eval.wikitext_path={tmp_path / 'empty'}", storage=f"sqlite:///{storage}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--objective wikitext-valid (the default): " in err, err
+    assert "no WikiText-2 validation file in it" in err and "--objective val" in err
+    assert not storage.exists()
+
+
+def test_a_source_too_small_for_a_point_fails_naming_the_point_before_any_run(lab, tmp_path, capsys):
+    """A small local source (a few notes) that a single-source point would have to repeat past its max_repeats: the
+    check runs before the first run trains, and names the point."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("A short note about rivers and cities. " * 20)
+    mix = tmp_path / "four.yaml"
+    text = (lab / "tri.yaml").read_text().replace(
+        "  sources:\n", f"  sources:\n  - name: notes\n    kind: local\n    path: {notes}\n    weight: 0.0\n", 1)
+    mix.write_text(text)
+    argv = [str(mix), "--design", "single-source", "--proxy-tokens", str(PROXY), "--objective", "val", "--storage",
+            f"sqlite:///{tmp_path / 'n.db'}", f"lab_dir={lab}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--design single-source: point 0 (only notes: notes=1 docs=0 readmes=0 code=0)" in err
+    assert "mixture.sources.notes:" in err and "max_repeats" in err
+    assert not (lab / "runs").exists() or not list((lab / "runs").glob("four-*"))  # nothing trained
+
+
+def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, capsys):
+    from sparknet.ablate import Ablation, base_weights
+    from sparknet.config import load_config
+    from sparknet.mixfit import design_points
+    from sparknet.objective import Objective
+
+    staged = tmp_path / "staged.yaml"
+    text = (lab / "tri.yaml").read_text()
+    for n in NAMES:
+        text = re.sub(rf"(name: {n}\n(?:    .*\n)*?)    weight: [0-9.]+\n", r"\1", text)
+    text = text.replace("  sources:\n", "  stages:\n  - start_fraction: 0.0\n    weights: {docs: 0.5, readmes: 0.25, "
+                                        "code: 0.25}\n  - start_fraction: 0.75\n    weights: {docs: 0.2, code: 0.8}\n"
+                                        "  sources:\n", 1)
+    staged.write_text(text)
+    cfg = load_config(staged, [f"lab_dir={lab}"])
+    assert base_weights(cfg, 1) == (0.2, 0.0, 0.8)
+    argv = [str(staged), "--design", "leave-one-out", "--proxy-tokens", str(PROXY), "--objective", "val",
+            f"lab_dir={lab}"]
+    assert main(argv + ["--dry-run"]) == 2
+    assert "--stage: the mixture has 2 stages (0: from 0, 1: from 0.75) (fix: --stage I" in capsys.readouterr().err
+    assert main(argv + ["--stage", "2", "--dry-run"]) == 2
+    assert "--stage 2: the mixture has stages 0 to 1" in capsys.readouterr().err
+    assert main(argv + ["--stage", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(stage 1): 3 points" in out  # base, without docs, without code (readmes has no weight in stage 1)
+
+    points = design_points("leave-one-out", NAMES, base_weights(cfg, 1))
+    abl = Ablation(str(staged), "leave-one-out", points, NAMES, 1, [1337], PROXY, "st", "sqlite://",
+                   [f"lab_dir={lab}"], Objective.parse("val", NAMES))
+    for i, p in enumerate(points):
+        c = abl.point_config(i, 1337)
+        stages = c.mixture.stage_list()
+        assert stages[0][1] == {"docs": 0.5, "readmes": 0.25, "code": 0.25}  # the other stage keeps its weights
+        assert tuple(stages[1][1][n] for n in NAMES) == pytest.approx(p.weights)
+        assert c.mixture.total_tokens == PROXY and c.train.seed == 1337
+
+
+def test_findings_say_what_the_table_says():
+    import pandas as pd
+
+    from sparknet.ablate import Ablation, findings
+    from sparknet.mixfit import design_points
+    from sparknet.objective import Objective
+
+    names = ("finepdfs", "dclm", "edu")
+    points = design_points("leave-one-out", names, (0.5, 0.3, 0.2))
+    abl = Ablation("m.yaml", "leave-one-out", points, names, None, [1, 2, 3], 1000, "s", "sqlite://", [],
+                   Objective.parse("wikitext-valid", names))
+    rows = []
+    for p, own, obj, sd in zip(points, (None, 3.91, 3.62, 3.35), (1.40, 1.432, 1.41, 1.399),
+                               (0.004, 0.003, 0.005, 0.004)):
+        losses = {n: 3.5 for n in names}
+        if own is not None:
+            losses[p.name.removeprefix("without ")] = own
+        rows.append({"mixture": p.name, **{f"weight.{n}": w for n, w in zip(names, p.weights)},
+                     **{f"val/loss/{n}": losses[n] for n in names}, "wikitext-valid/bpb": obj, "sd": sd, "seeds": 3})
+    facts = findings(abl, pd.DataFrame(rows))
+    assert facts[0] == ("Removing finepdfs raised val/finepdfs by 0.41 nats/token (3.500 -> 3.910) and raised the "
+                        "objective wikitext-valid/bpb by 0.0320 bits/byte (1.4000 -> 1.4320) (8x the spread between "
+                        "seeds).")
+    assert facts[2].startswith("Removing edu lowered val/edu by 0.15 nats/token") and \
+        "lowered the objective wikitext-valid/bpb by 0.0010 bits/byte" in facts[2] and "not told apart" in facts[2]
+    assert facts[3] == ("The source the objective needs most is finepdfs (removing it costs +0.0320 bits/byte, 8x the "
+                        "spread between seeds); the one it misses least is edu (-0.0010 bits/byte).")
+    assert facts[4].startswith("The spread between seeds is 0.0040 bits/byte") and "largest 0.0050" in facts[4]
+
+
+def _states(url: str, study: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in load(url, study).trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points(lab, subprocess_env):
+    url = f"sqlite:///{lab / 'killed.db'}"
+    cmd = [sys.executable, "-m", "sparknet.ablate", *args_for(lab, "killed", "--objective", "val", "--heartbeat", "1",
+                                                             design="random:3", storage=url)]
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(lab / "killed.db", timeout=1) as db:
+                states = [s for (s,) in db.execute("SELECT state FROM trials")]
+        except sqlite3.Error:
+            states = []
+        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole worker, outright: no handler runs
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed, "the worker finished before it could be killed mid-study"
+    assert _states(url, "killed").get("RUNNING") == 1
+
+    done = subprocess.run(cmd, env=subprocess_env, cwd=lab, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    study = load(url, "killed")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert keys(complete) == [(p, 1337) for p in range(3)]  # each planned point once, none twice, none extra
+    assert _states(url, "killed") == {"COMPLETE": 3, "FAIL": 1}  # the killed run, failed by its heartbeat
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    retry = next(t for t in complete if "failed_trial" in t.system_attrs)
+    assert retry.system_attrs["failed_trial"] == failed.number and keys([retry]) == keys([failed])
+    from sparknet.mixfit import design_points
+
+    want = design_points("random:3", NAMES, (0.4, 0.3, 0.3))
+    for t in complete:  # the study ran the design's points, with their weights
+        assert tuple(t.params[f"weight.{n}"] for n in NAMES) == pytest.approx(want[t.params["point"]].weights)
+    assert (lab / "experiments" / "killed" / "README.md").exists()
+
+
+def test_two_workers_share_one_study_without_duplicates_and_one_confirms(lab, subprocess_env):
+    from mlflow.tracking import MlflowClient
+
+    url = f"sqlite:///{lab / 'pair.db'}"
+    # A 16k-token full budget, so that --confirm (best.yaml at the full budget) takes seconds.
+    cmd = [sys.executable, "-m", "sparknet.ablate", *args_for(lab, "pair", "--objective", "val", "--confirm",
+                                                             "mixture.total_tokens=16384", design="grid:0.5",
+                                                             storage=url)]
+    workers = [subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs[0][-2000:] + outs[1][-2000:]
+    trials = load(url, "pair").trials
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)  # 6 grid points, no extra
+    assert keys(trials) == [(p, 1337) for p in range(6)]
+    ran = [o.count(" complete: val/loss") for o in outs]
+    assert sum(ran) == 6 and min(ran) >= 1, ran  # both workers trained, no point twice
+    assert sorted(o.count("wrote experiments/pair/") for o in outs) == [0, 1], outs  # one summary
+    assert sorted(o.count("confirming best.yaml") for o in outs) == [0, 1], outs  # one confirmation run
+    client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
+    mruns = client.search_runs([client.get_experiment_by_name("pair").experiment_id])
+    confirm = [r for r in mruns if r.data.tags.get("sparknet.confirm") == "true"]
+    assert len(confirm) == 1 and confirm[0].info.status == "FINISHED"
+    assert confirm[0].data.params["mixture.total_tokens"] == "16384"
+    best = load(url, "pair").user_attrs["sparknet.best_weights"]
+    assert [float(confirm[0].data.params[f"mixture.sources.{n}.weight"]) for n in NAMES] == pytest.approx(best)
+    folder = lab / "experiments" / "pair"
+    assert (folder / "objective.png").exists()  # three sources, not leave-one-out: the ternary plot
+    readme = (folder / "README.md").read_text()
+    assert "## Fitted model" in readme and "6 points" in readme
+    lines = (folder / "results.csv").read_text().splitlines()
+    assert len(lines) == 7 and {f"weight.{n}" for n in NAMES} <= set(lines[0].split(","))
