@@ -9,6 +9,9 @@ every test's outcome (and a skip's reason), and whether the test could depend on
 - it opened or listed something under ../shared while it ran (an audit hook sees every open of this process; a
   subprocess's own reads are not seen, which is why the source is checked too).
 
+Under pytest-xdist the collection and the audit hook live in the workers: each sends what it marked back to the
+controller when it finishes (workeroutput), and the controller, which sees every report, writes the record.
+
 Pass 2, in a copy of the clone with nothing beside it (.ci/plain_clone.sh), with `-p shared_skips --skips-rerun FILE
 --max-skips N`: runs only the tests pass 1 marked (and any pass 1 did not see), then counts the plain clone's skips:
 pass 2's skips of those plus pass 1's skips of all the others, which never touch ../shared and so skip or not alike
@@ -124,8 +127,17 @@ def _plain_clone_skips() -> dict[str, str]:
     return skips
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    # pytest-xdist's controller: a worker is done; take the tests it marked.
+    _State.touched |= set(getattr(node, "workeroutput", {}).get("shared_touched", ()))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: the controller records
+        config.workeroutput["shared_touched"] = sorted(_State.touched)
+        return
     if config.getoption("--skips-record"):
         record = {n: o | {"shared": n in _State.touched} for n, o in _State.outcomes.items()}
         Path(config.getoption("--skips-record")).write_text(json.dumps(record, indent=1))

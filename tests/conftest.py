@@ -15,6 +15,9 @@ from tinylab import ROOT, SHARED_DATA, write_tiny_mixture
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Printed tables wrap at the terminal's width; a test's terminal (a tty, a pipe, a pytest-xdist worker) must not
+# change what the assertions see.
+os.environ["COLUMNS"] = "120"
 
 # For the subprocesses tests start (sparknet.run, sparknet.sweep, torchrun, mlflow server, PostgreSQL): offline, one
 # thread each, this checkout's sparknet first.
