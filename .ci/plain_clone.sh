@@ -26,4 +26,4 @@ ln -s "$(pwd)/.venv" "$dest/repo/.venv"
 cd "$dest/repo"
 # The copy's sparknet, not the editable install's (which points at this checkout).
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --rootdir="$(pwd)" "$@"

@@ -953,6 +953,8 @@ def main(argv: list[str] | None = None) -> int:
                             "a YAML file of weight vectors)")
     if args.seeds < 1:
         raise SparknetError(f"--seeds: must be >= 1, got {args.seeds}")
+    if args.design_seed < 0:
+        raise SparknetError(f"--design-seed: must be >= 0, got {args.design_seed}")
     if args.heartbeat < 1:
         raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat}")
     try:

@@ -78,9 +78,10 @@ class SourceConfig:
     def validate(self, at: _At) -> None:
         if not self.name:
             at.fail("name", "is required", "give the source a short name such as `dclm`")
-        if not _SAFE_NAME.match(self.name) or self.name in (".", ".."):
-            at.fail("name", f"{self.name!r} is not a safe path component",
-                    "use letters, digits, '.', '_' or '-' (at most 64, not starting with '.' or '-')")
+        if not _SAFE_NAME.match(self.name) or "." in self.name:
+            # No '.': overrides address a source as mixture.sources.NAME.field.
+            at.fail("name", f"{self.name!r} is not a safe source name",
+                    "use letters, digits, '_' or '-' (at most 64, not starting with '-'; no '.')")
         if self.weight is not None and (not math.isfinite(self.weight) or self.weight < 0):
             at.fail("weight", f"must be a finite number >= 0, got {self.weight}", "fix the weight")
         if self.kind in ("hf", "local", "blog") and not self.path:

@@ -79,7 +79,7 @@ def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], 
         if not 0 < step <= 1:
             raise SparknetError(f"{where}: {design!r}: the step must be in (0, 1], got {text} (fix: e.g. grid:0.25)")
         k = 1 / step
-        if k.denominator != 1 or abs(float(step) - float(text)) > 1e-9:
+        if k.denominator != 1 or abs(float(step) - float(Fraction(text))) > 1e-9:
             raise SparknetError(f"{where}: {design!r}: the step {text} does not divide 1 (fix: a step such as 0.5, "
                                 f"0.25, 0.2 or 0.1)")
         k = int(k)

@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers is not None and args.workers < 1:
         raise SparknetError(f"--workers: must be >= 1, got {args.workers}")
-    prepared = prepare(cfg, workers=args.workers, progress=not args.quiet)
+    from sparknet.run import prepare_lock
+
+    with prepare_lock(cfg.lab_path):  # a run or study preparing the same lab waits, rather than racing on a tokenizer
+        prepared = prepare(cfg, workers=args.workers, progress=not args.quiet)
     print(format_report(prepared))
     if args.verify:
         for st in prepared.stores.values():

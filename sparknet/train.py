@@ -405,6 +405,7 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
               f"{accum} micro-batches x {world} process(es)", flush=True)
 
     step, tokens = state["step"], state["tokens"]
+    start_step = step  # the same on every rank (each read the same checkpoint)
     # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
     # beyond any budget); read back only when logging, checkpointing and at the end.
     per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=device)
@@ -566,8 +567,9 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
         bar.close()
     # The end: the final evaluation, then a checkpoint so that rerunning a finished run does no work.
     evaluate_now()
-    existing = list_checkpoints(ckpt_root)
-    final_ckpt = existing[-1] if existing and existing[-1].name == f"step-{step:08d}" else checkpoint_now()
+    # Whether the final checkpoint exists already (a finished run resumed) is decided from state every rank shares:
+    # listing the folder here would race with the main process writing step-N and let one rank skip the collective.
+    final_ckpt = ckpt_root / f"step-{step:08d}" if step == start_step else checkpoint_now()
     seconds = seconds_before + (time.time() - session_start)
     counted = dict(zip(names, source_tokens()))
     if is_main:

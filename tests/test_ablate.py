@@ -256,6 +256,7 @@ def test_grid_and_random_designs_give_the_right_points(lab, capsys, tmp_path):
     ("leave-two-out", [], "unknown design 'leave-two-out'"),
     ("leave-one-out", ["--stage", "1"], "--stage 1: the mixture has no stages"),
     ("leave-one-out", ["--seeds", "0"], "--seeds: must be >= 1"),
+    ("random:4", ["--design-seed", "-1"], "--design-seed: must be >= 0, got -1"),
     ("NONE", [], "--design: required"),
     ("leave-one-out", ["--objective", "val/web"], "--objective: objective 'val/web': the mixture has no source 'web'"),
     ("FILE:points:\n  - {weights: {docs: 0.999, code: 0.001}}\n", ["--proxy-tokens", "4096"],

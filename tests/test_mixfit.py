@@ -4,6 +4,7 @@ says so when a fit is too weak to trust."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ def test_leave_one_out_is_the_base_then_each_source_removed_and_renormalized():
 
 def test_single_source_and_grid_points():
     assert [p.weights for p in design_points("single-source", NAMES, BASE)] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
-    for step, count in (("0.5", 6), ("0.25", 15), ("0.1", 66), ("1", 3)):
+    for step, count in (("0.5", 6), ("0.25", 15), ("0.1", 66), ("1", 3), ("1/3", 10), ("1/4", 15)):
         pts = design_points(f"grid:{step}", NAMES, BASE)
+        step = str(float(Fraction(step)))
         assert len(pts) == count == math.comb(round(1 / float(step)) + 2, 2)
         w = np.array([p.weights for p in pts])
         assert np.allclose(w.sum(axis=1), 1) and (w >= 0).all()
