@@ -69,7 +69,7 @@ from sparknet.study import (
     kind_difference,
     markdown_table,
     open_storage,
-    parse_duration,
+    parse_budget,
     parse_study_name,
     quiet_optuna,
     recipe_difference,
@@ -914,8 +914,6 @@ def dry_run_text(abl: Ablation, plans: list) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from sparknet.config import parse_tokens
-
     ap = argparse.ArgumentParser(prog="python -m sparknet.ablate", description=__doc__.split("\n")[0],
                                  epilog="Ctrl-C or SIGTERM: the running point is queued again and continues its "
                                         "checkpoints on the next run (exit 130).")
@@ -955,15 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SparknetError(f"--seeds: must be >= 1, got {args.seeds}")
     if args.design_seed < 0:
         raise SparknetError(f"--design-seed: must be >= 0, got {args.design_seed}")
-    if args.heartbeat < 1:
-        raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat}")
-    try:
-        proxy = parse_tokens(args.proxy_tokens)
-    except ValueError as exc:
-        raise SparknetError(f"--proxy-tokens: {exc} (fix: use e.g. 20M)") from None
-    if proxy <= 0:
-        raise SparknetError("--proxy-tokens: must be > 0 (fix: use e.g. 20M)")
-    timeout = parse_duration(args.timeout)
+    proxy, timeout = parse_budget(args, "20M")
     base = load_config(args.mixture, args.overrides)  # bad mixture/overrides fail here, before anything starts
     names = tuple(s.name for s in base.mixture.sources)
     weights = base_weights(base, args.stage)

@@ -659,6 +659,22 @@ class Worker:
             print(f"warning: {exc}", file=sys.stderr, flush=True)
 
 
+def parse_budget(args, example: str) -> tuple[int, float | None]:
+    """The options every study command shares, checked: (proxy tokens per trial, --timeout in seconds or None).
+    `example` is the --proxy-tokens value the fix suggests (e.g. "20M")."""
+    from sparknet.config import parse_tokens
+
+    if args.heartbeat < 1:
+        raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat}")
+    try:
+        proxy = parse_tokens(args.proxy_tokens)
+    except ValueError as exc:
+        raise SparknetError(f"--proxy-tokens: {exc} (fix: use e.g. {example})") from None
+    if proxy <= 0:
+        raise SparknetError(f"--proxy-tokens: must be > 0 (fix: use e.g. {example})")
+    return proxy, parse_duration(args.timeout)
+
+
 def parse_duration(text: str | None) -> float | None:
     if text is None:
         return None

@@ -66,7 +66,7 @@ from sparknet.study import (
     median_pruner,
     open_storage,
     optuna_plots,
-    parse_duration,
+    parse_budget,
     parse_study_name,
     quiet_optuna,
     recipe_difference,
@@ -678,8 +678,6 @@ def _close_parent(sweep: Sweep, study, lab: Path, out_dir: Path, plots: list[Pat
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from sparknet.config import parse_tokens
-
     ap = argparse.ArgumentParser(prog="python -m sparknet.sweep", description=__doc__.split("\n")[0],
                                  epilog="Ctrl-C or SIGTERM: the running trial is queued again and continues its "
                                         "checkpoints on the next run (exit 130).")
@@ -706,15 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
     if args.trials < 1:
         raise SparknetError(f"--trials: must be >= 1, got {args.trials}")
-    if args.heartbeat < 1:
-        raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat}")
-    try:
-        proxy = parse_tokens(args.proxy_tokens)
-    except ValueError as exc:
-        raise SparknetError(f"--proxy-tokens: {exc} (fix: use e.g. 50M)") from None
-    if proxy <= 0:
-        raise SparknetError("--proxy-tokens: must be > 0 (fix: use e.g. 50M)")
-    timeout = parse_duration(args.timeout)
+    proxy, timeout = parse_budget(args, "50M")
     # The defaults live in the repo: found from any working directory.
     mixture = args.mixture if Path(args.mixture).exists() or args.mixture != DEFAULT_MIXTURE else str(ROOT / DEFAULT_MIXTURE)
     if args.space == DEFAULT_SPACE and not Path(args.space).exists():
