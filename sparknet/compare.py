@@ -374,9 +374,12 @@ def mean_val_loss(metrics: dict[str, float]) -> float | None:
 
 
 def run_row(record: Any, protocols: Sequence[str], *, uri: str, evaluate: bool, wikitext: str | None,
-            device: str | None, batch_size: int, log: Any = print) -> Row:
+            device: str | None, batch_size: int, log: Any = print, asked: bool = False) -> Row:
     """The row of one training run; with `evaluate`, missing protocols (and those scored in another dtype than
-    float32) are scored and logged back to the run."""
+    float32) are scored and logged back to the run. Unless the protocols were `asked` for by name, a run with
+    another tokenizer than GPT-2's is not scored under sparknet-blog: that protocol gives a perplexity only, which
+    the table marks as not comparable for such a run, so scoring it would cost time (~40 s of 2 CPU cores for a
+    1M-parameter model) for a number nobody can compare."""
     from sparknet import tracking
 
     m, tags = record.metrics, record.tags
@@ -410,6 +413,10 @@ def run_row(record: Any, protocols: Sequence[str], *, uri: str, evaluate: bool, 
             row.dtypes[p] = (details.get(p) or {}).get("dtype") or _training_dtype(record)
     missing = [p for p in protocols if p not in row.wikitext]
     off_policy = [p for p in protocols if p in row.wikitext and row.dtypes.get(p) != EVAL_DTYPE]
+    if evaluate and not asked and gpt2 is False and PROTOCOL_BLOG in missing:
+        missing.remove(PROTOCOL_BLOG)
+        row.notes.append(f"{PROTOCOL_BLOG}: not scored by --evaluate: a perplexity only, not comparable for tokenizer "
+                         f"{tokenizer} (fix: --protocols {PROTOCOL_BLOG} scores it anyway)")
     if not missing and not (evaluate and off_policy):
         return row
 
@@ -1219,7 +1226,7 @@ def compare(opts: CompareOptions, log: Any = print) -> Comparison:
     for r in records:
         row = run_row(r, protocols, uri=uri, evaluate=opts.evaluate and opts.evaluate_only != "baselines",
                       wikitext=opts.wikitext, device=opts.device,
-                      batch_size=opts.batch_size, log=log)
+                      batch_size=opts.batch_size, log=log, asked=bool(opts.protocols))
         if r.run_id in trial_notes:
             row.notes.insert(0, trial_notes[r.run_id])
             if opts.trials == TRIALS_BEST and objective_value(r)[0] == "wikitext-valid/bpb":

@@ -616,7 +616,10 @@ def test_quickstart_offline_finishes_with_one_line_then_scores_from_a_local_copy
     assert 0 < float(bpb_512) == float(bpb_1024) < 20  # 64-token context: both strides run at 64
     assert "GPT-2 (openai-community/gpt2)" in table and "51.45" in table and "-- reported" in table
     notes = " ".join(table.split())  # the notes are wrapped to the terminal's width
-    assert "sparknet-blog, hf-strided-512, hf-strided-1024: context clamped to the model's 64 tokens" in notes
+    assert "hf-strided-512, hf-strided-1024: context clamped to the model's 64 tokens" in notes
+    # Its own BPE makes a sparknet-blog perplexity incomparable: --evaluate does not spend time on it, and says so.
+    assert "sparknet-blog: not scored by --evaluate: a perplexity only, not comparable for tokenizer bpe-512" in notes
+    assert cells[6] == "—"  # its ppl blog cell
     # On a CPU the quickstart leaves GPT-2 and CodeLion to one later command, and says which.
     assert "baselines not scored (--evaluate runs): openai-community/gpt2, codelion/gpt-2-70m" in out
     assert "not evaluated yet (fix: --evaluate" in notes
