@@ -83,6 +83,8 @@ def source_identity(src: SourceConfig) -> dict:
             ident["distributions"] = [f"{n}=={v}" for n, v, _ in _distributions()]
         else:
             ident["files"] = len(_stdlib_files())
+            if src.part == "code":
+                ident["docstrings"] = "cut"  # stores made while `code` kept them hold other text
     ident["max_document_bytes"] = src.max_document_bytes
     return ident
 
@@ -506,6 +508,52 @@ def module_docstrings(source: str) -> str:
     return "\n\n".join(docs)
 
 
+def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[ast.Constant, bool]]:
+    """The string constants `ast.get_docstring` reads (the first statement of a module, class or function body),
+    each with whether it is its body's only statement."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                yield first.value, len(node.body) == 1 and not isinstance(node, ast.Module)
+
+
+def code_without_docstrings(source: str) -> str:
+    """A Python source file with its module, class and function docstrings cut out (comments and code kept).
+
+    Why: the `docstrings` part is those docstrings, so with them left in, every validation document of
+    `docstrings` would sit inside a training document of `code` in a mixture of both: a leak that no exact
+    duplicate check finds. Lines a docstring filled are dropped, so no hole stands where it was; a body that was
+    only a docstring gets `pass`, so the file stays valid Python."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+
+    def at(lineno: int, col: int) -> int:  # ast columns are UTF-8 byte offsets within the line
+        return offsets[lineno - 1] + len(lines[lineno - 1].encode("utf-8")[:col].decode("utf-8", "replace"))
+
+    spans = []
+    for n, alone in _docstring_nodes(tree):
+        begin, end = at(n.lineno, n.col_offset), at(n.end_lineno, n.end_col_offset)  # type: ignore[arg-type]
+        line_begin, line_end = offsets[n.lineno - 1], offsets[n.end_lineno]  # type: ignore[index]
+        if alone:
+            spans.append((begin, end, "pass"))
+        elif not source[line_begin:begin].strip() and not source[end:line_end].strip():
+            spans.append((line_begin, line_end, ""))  # the docstring fills its lines: cut them whole
+        else:  # shares its line: `def f(): "doc"; return 1` -> `def f(): return 1`
+            after = re.match(r"[ \t]*;[ \t]*", source[end:line_end])
+            spans.append((begin, end + (after.end() if after else 0), ""))
+    kept, pos = [], 0
+    for begin, end, instead in sorted(spans):
+        kept.append(source[pos:begin] + instead)
+        pos = end
+    kept.append(source[pos:])
+    return "".join(kept)
+
+
 def _iter_pydocs(src: SourceConfig) -> Iterator[str]:
     if src.part == "readmes":
         for _name, _version, dist in _distributions():
@@ -520,7 +568,7 @@ def _iter_pydocs(src: SourceConfig) -> Iterator[str]:
                 st = os.stat(f)
                 yield _docstrings_of(f, st.st_size, st.st_mtime_ns)
             else:
-                yield Path(f).read_text(encoding="utf-8")
+                yield code_without_docstrings(Path(f).read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             yield ""  # a few stdlib files are deliberately broken (test data); keep positions stable
 
@@ -583,7 +631,7 @@ def _data_keys(src: SourceConfig) -> dict[tuple, str]:
         # Any revision: two commits of one dataset share most of their rows.
         return {("hf", src.path.lower(), src.subset, src.split):
                 f"hf {src.path}" + (f" subset {src.subset}" if src.subset else "") + f" split {src.split}"}
-    # pydocs: the parts are different documents (docstrings are a small extract of the code, not a copy)
+    # pydocs: the parts are different documents (`code` is the stdlib with its docstrings cut out, `docstrings` those)
     return {("pydocs", src.part): f"pydocs {src.part}"}
 
 
