@@ -171,8 +171,11 @@ class Ablation(Worker):
         if all(k in done for k in planned):
             return DONE
         waiting = sum(t.state.name == "WAITING" for t in trials)
+        # A run folder another process holds: its trial was failed as stale while its worker trains on (and will
+        # record the result). Neither queued again nor taken meanwhile.
+        busy = {key for key in planned if key not in done and key not in active and self.run_busy(key)}
         for key in planned:
-            if key not in done and key not in active:
+            if key not in done and key not in active and key not in busy:
                 enqueue(study, self.params(*key), {"point": key[0], "seed": key[1],
                                                    "point_name": self.points[key[0]].name})
                 waiting += 1
@@ -183,12 +186,23 @@ class Ablation(Worker):
             key = _key_of(study._storage.get_trial(trial._trial_id))
             why = ("it is not one of this study's planned runs" if key not in planned else
                    "its run already finished" if key in done else
-                   "another trial is running it" if key in running else "")
+                   "another trial is running it" if key in running else
+                   f"its run folder is in use by {self.run_busy(key) or 'another process'}"
+                   if key in busy or self.run_busy(key) else "")
             if not why:
                 return trial
             trial.set_user_attr("reason", f"a duplicate, not run: {why}")
             tell(study, trial, state="FAIL")
         return None  # the remaining runs are running elsewhere: wait for them (they may die)
+
+    def run_busy(self, key: tuple[int, int]) -> str:
+        """Who holds the run folder of (point, seed), "" if nobody does."""
+        from sparknet.run import run_busy, run_dir_for
+
+        dirs = self.__dict__.setdefault("_run_dirs", {})  # a config per key is read once, not at every take
+        if key not in dirs:
+            dirs[key] = run_dir_for(self.point_config(*key))
+        return run_busy(dirs[key])
 
     def setup_trial(self, study, trial, frozen, origin: int) -> RunConfig:
         point, seed = _key_of(frozen)
@@ -337,7 +351,7 @@ def check_points(abl: Ablation) -> list:
     return plans
 
 
-def prepare_stores(abl: Ablation, plans: list) -> None:
+def prepare_stores(abl: Ablation, plans: list):
     """Prepare each source's store once for the largest share any point gives it, then check every point's plan
     against the stores (within each source's max_repeats), before the first run trains: a study never stops
     half-way on a store, and no store grows while the workers train on it."""
@@ -370,6 +384,7 @@ def prepare_stores(abl: Ablation, plans: list) -> None:
             check_budget(Prepared(cfg, plan, prepared.tokenizer, prepared.stores, reports))
         except SparknetError as exc:
             raise SparknetError(f"{at(i)}: {exc}") from None
+    return prepared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -995,7 +1010,11 @@ def main(argv: list[str] | None = None) -> int:
         done = {_key_of(t) for t in finished_trials(existing)} if existing is not None else set()
         if not all(key in done for key in abl.planned()):
             # Before the study holds any queued run: a point whose share a store cannot supply stops here.
-            prepare_stores(abl, plans)
+            prepared = prepare_stores(abl, plans)
+            try:  # every point shares the stores: a held-out slice too short for the objective fails every point
+                objective.check_prepared(prepared, abl.point_config(0, abl.seeds[0]))
+            except SparknetError as exc:
+                raise SparknetError(f"--objective {objective.name}: {exc}") from None
         study = create_or_load(abl, storage, lab)
         planned = len(abl.planned())
         c = counts(study)

@@ -91,24 +91,37 @@ class _RawSource:
         return self.read(int(self.orders[epoch][k]) * self.seq_len, self.seq_len + 1)
 
 
-def _documents(tokens: np.ndarray, eot: int) -> list[bytes]:
-    """The complete documents (tokens before each end-of-text) of a token stream, as bytes to hash."""
-    ends = np.flatnonzero(tokens == eot)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tokens[s:e].tobytes() for s, e in zip(starts, ends)]
+AUDIT_CHUNK_TOKENS = 1 << 24  # 16M tokens (64 MiB as int32 ids) read at a time: a 1B-token store is never held whole
 
 
-def _check_validation_disjoint(prepared, raw: dict[str, _RawSource], report: AuditReport) -> None:
+def _document_digests(read, total: int, eot: int, chunk: int = AUDIT_CHUNK_TOKENS):
+    """The digest of each complete document (the tokens before each end-of-text) of a token stream of `total`
+    tokens, read `chunk` tokens at a time by `read(start, n)`; a document that spans chunks is carried over, and
+    the tail after the last end-of-text (not a complete document) is left out."""
+    carry = np.zeros(0, dtype=np.int64)
+    for start in range(0, total, chunk):
+        tokens = np.concatenate([carry, np.asarray(read(start, min(chunk, total - start)), dtype=np.int64)])
+        ends = np.flatnonzero(tokens == eot)
+        begin = 0
+        for end in ends:
+            yield hashlib.blake2b(tokens[begin:end].tobytes(), digest_size=16).digest()
+            begin = int(end) + 1
+        carry = tokens[begin:]
+
+
+def _check_validation_disjoint(prepared, raw: dict[str, _RawSource], report: AuditReport,
+                               chunk: int = AUDIT_CHUNK_TOKENS) -> None:
     for name, src in raw.items():
         store = prepared.stores[name]
         eot = int(store.manifest["tokenizer"]["eot_id"])
-        val_docs = {hashlib.blake2b(d, digest_size=16).digest()
-                    for d in _documents(np.asarray(store.val().read(0, store.val_tokens), dtype=np.int64), eot)}
+        val = store.val()
+        val_docs = set(_document_digests(val.read, store.val_tokens, eot, chunk))
         report.val_documents[name] = len(val_docs)
-        region = src.read(0, src.usable) if src.usable else np.zeros(0, dtype=np.int64)
-        train_docs = _documents(region, eot)
-        report.train_documents_checked[name] = len(train_docs)
-        leaked = sum(hashlib.blake2b(d, digest_size=16).digest() in val_docs for d in train_docs)
+        checked = leaked = 0
+        for digest in _document_digests(src.read, src.usable, eot, chunk):
+            checked += 1
+            leaked += digest in val_docs
+        report.train_documents_checked[name] = checked
         if leaked:
             report.fail(f"source {name}: {leaked} training document(s) identical to validation documents")
 

@@ -3,6 +3,7 @@
 
     objective = Objective.parse("val/docs", ["docs", "code"])
     objective.check(cfg)                       # before any trial trains: WikiText-2 must be readable
+    objective.check_prepared(prepared, cfg)    # ... and every held-out slice it needs must hold a window
     objective.intermediate(val_losses)         # what the pruner sees at each evaluation
     metrics = objective.measure(outcome, cfg)  # after the run: every number, the objective's among them
     value = metrics[objective.metric]          # == objective.final(outcome, cfg)
@@ -140,6 +141,25 @@ class Objective:
         validation split must be readable from eval.wikitext_path, $SPARKNET_WIKITEXT or the hub cache."""
         if self.kind == WIKITEXT_VALID:
             self._rows(cfg)
+
+    def check_prepared(self, prepared, cfg) -> None:
+        """Fail now (one line) if a held-out loss the objective needs will not exist once the runs have trained:
+        `val` needs every source's, `val/<source>` that source's, and a source's loss exists only when its held-out
+        slice (capped at eval.val_tokens) holds at least one window of train.seq_len + 1 tokens. Called with the
+        prepared stores, before any run trains: found after training, it would waste every run of the study."""
+        need = self.sources if self.kind == VAL else (self.source,) if self.kind == "source" else ()
+        seq_len, cap = cfg.train.seq_len, cfg.eval.val_tokens
+        for name in need:
+            have = len(prepared.stores[name].val())
+            usable = min(have, cap + 1) if cap else have
+            if usable < seq_len + 1:
+                held = f"{have:,} held-out tokens" + (f", {usable:,} of them read (eval.val_tokens {cap:,})"
+                                                       if usable < have else "")
+                raise SparknetError(
+                    f"objective {self.name}: source {name!r} has {held}, fewer than one window of train.seq_len + 1 = "
+                    f"{seq_len + 1:,}, so it would have no held-out loss after training (fix: raise "
+                    f"mixture.val_tokens{' or eval.val_tokens' if usable < have else ''}, or choose another "
+                    f"objective)")
 
     def data(self, cfg) -> dict[str, Any]:
         """Where the objective's evaluation text came from (wikitext-valid: path, rows, sha256, whether it is

@@ -166,6 +166,28 @@ def prepare_lock(lab: Path):
         yield
 
 
+def eval_difference(run_dir: Path, cfg: RunConfig) -> str:
+    """How `cfg`'s eval settings differ from those the finished run in `run_dir` was evaluated with (its
+    config.yaml), as "eval.key: then X, now Y; ..."; "" when they are the same (or unknown). The eval section is
+    not part of the run's identity (it changes no weight), so a rerun with, say, another eval.wikitext finds the
+    finished run, whose figures were computed under the old settings: said, not silently returned."""
+    import yaml
+
+    try:
+        then = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("eval") or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    now = to_dict(cfg)["eval"]
+    keys = ("wikitext", "wikitext_path", "val_tokens", "every_tokens", "sample_prompts", "sample_tokens")
+    diff = [f"eval.{k}: then {then[k]!r}, now {now[k]!r}" for k in keys
+            if k in then and k in now and _plain(then[k]) != _plain(now[k])]
+    return "; ".join(diff)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _write_state(run_dir: Path, state: dict) -> None:
     tmp = run_dir / ".state.json.tmp"
     tmp.write_text(json.dumps(state, indent=1, default=str))
@@ -180,16 +202,79 @@ class RunOutcome:
     already_done: bool = False
 
 
+class RunBusy(SparknetError):
+    """The run's folder is held by another process training the same config."""
+
+
+def _lock_path(run_dir: Path) -> Path:
+    # Beside the folder, not in it: --fresh deletes the folder, and a lock file deleted while held would let a second
+    # process lock a new file of the same name.
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def run_busy(run_dir: Path) -> str:
+    """Who holds the run folder's lock ("pid 123 on host since 12:00:00"), or "" when nobody does."""
+    import fcntl
+
+    path = _lock_path(run_dir)
+    if not path.exists():
+        return ""
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return ""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """The run folder's lock, held by the main process for the whole run (an flock: released by the kernel if the
+    process dies). Two launches of one config, or a study's retry of a trial whose worker is alive but was thought
+    dead, would otherwise train into one folder and overwrite each other's checkpoints: the second one fails."""
+    import fcntl
+    import socket
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(run_dir), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunBusy(f"{run_dir}: in use by {holder}, which is training this config (fix: wait for it to end, "
+                          f"or stop it; a second launch of the same config would overwrite its checkpoints)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,
             on_eval=None, fault=None, extra_tags: dict[str, str] | None = None) -> RunOutcome:
-    """Prepare the data, train (or resume), evaluate and record one run. Used by the CLI and the sweep."""
+    """Prepare the data, train (or resume), evaluate and record one run. Used by the CLI and the sweep. The main
+    process holds the run folder's lock throughout (`RunBusy` if another process has it)."""
+    # The launcher's rank, read before any process group exists (torchrun and accelerate launch set RANK).
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run_dir = run_dir_for(cfg)
+    with run_lock(run_dir) if is_main else contextlib.nullcontext():
+        return _execute(cfg, run_dir, is_main, fresh=fresh, progress=progress, parent_run_id=parent_run_id,
+                        on_eval=on_eval, fault=fault, extra_tags=extra_tags)
+
+
+def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progress: bool, parent_run_id: str | None,
+             on_eval, fault, extra_tags: dict[str, str] | None) -> RunOutcome:
     from sparknet.prepare import check_budget, format_report, prepare
     from sparknet.tracking import NullTracker, open_tracker
     from sparknet.train import Diverged, train
 
-    # The launcher's rank, read before any process group exists (torchrun and accelerate launch set RANK).
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    run_dir = run_dir_for(cfg)
     state_path = run_dir / "state.json"
     if fresh:
         if is_main and run_dir.exists():
@@ -199,6 +284,12 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
         if state.get("status") == "finished":  # every process reads the same file and returns
             if is_main:
                 print(f"{run_dir}: already finished (rerun with --fresh to train again)")
+                changed = eval_difference(run_dir, cfg)
+                if changed:
+                    print(f"{run_dir}: note: it was evaluated with other settings ({changed}); the figures shown are "
+                          f"the finished run's (fix: python -m sparknet.compare --evaluate --run-id "
+                          f"{state.get('mlflow_run_id') or 'ID'} scores WikiText-2 protocols it lacks; --fresh trains "
+                          f"and evaluates again)", flush=True)
                 # An MLflow server that was down as the run ended: send what it missed and close the run there.
                 from sparknet.tracking import replay_pending
 

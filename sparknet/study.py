@@ -261,12 +261,14 @@ def eval_index(tokens: int, every_tokens: int) -> int:
 
 def requeue(study, frozen, *, keep_attrs: tuple[str, ...] = ("baseline", "val_loss_by_eval")) -> None:
     """Queue trial `frozen` again with the same parameters, as Optuna's heartbeat retry does: `failed_trial` names
-    the original, whose run folder (and checkpoints) the retry continues."""
+    the original, whose run folder (and checkpoints) the retry continues. An interrupt is counted in its own list,
+    `interrupt_history`, not in Optuna's `retry_history`: that one is the stale-heartbeat retry budget
+    (`max_retry`), and a trial stopped and resumed three times with Ctrl-C must still be retried if its worker dies."""
     import optuna
 
     system = dict(frozen.system_attrs)
     system.setdefault("failed_trial", frozen.number)
-    system["retry_history"] = [*system.get("retry_history", []), frozen.number]
+    system["interrupt_history"] = [*system.get("interrupt_history", []), frozen.number]
     study.add_trial(optuna.trial.create_trial(
         state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
         user_attrs={k: v for k, v in frozen.user_attrs.items() if k in keep_attrs}, system_attrs=system))
@@ -557,6 +559,8 @@ class Worker:
                 how = self.run_trial(study, trial, parent)
             finally:
                 stop.set()
+            if how == "busy":  # its run trains in another process: give that one time before taking the next
+                time.sleep(poll_s)
             unbuildable = unbuildable + 1 if how == "unbuildable" else 0
             if unbuildable >= MAX_UNBUILDABLE_IN_A_ROW:
                 raise SparknetError(f"study {self.study_name}: {unbuildable} trials in a row had parameters the "
@@ -570,6 +574,8 @@ class Worker:
         both happen under the study lock, so no other worker decides in between on a study short of that trial."""
         with signals_deferred():
             with study_lock(self.storage_url, self.study_name) if retry else contextlib.nullcontext():
+                if study._storage.get_trial(trial._trial_id).state.is_finished():
+                    return  # failed as stale by another worker meanwhile (and queued again by Optuna's retry)
                 trial.set_user_attr("reason", reason[:1000])
                 tell(study, trial, state="FAIL")
                 if retry:
@@ -579,7 +585,9 @@ class Worker:
         """Train one trial and tell the study how it ended. Returns "complete", "pruned" or "unbuildable"
         (its parameters make no valid config: failed, the worker goes on); an interrupt fails it and queues it
         again (then re-raises); any other error fails it with the reason (then re-raises)."""
-        from sparknet.run import execute  # looked up per trial: tests replace it
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        from sparknet.run import RunBusy, execute  # execute looked up per trial: tests replace it
         from sparknet.train import Diverged
 
         objective = self.objective
@@ -587,6 +595,14 @@ class Worker:
         origin = frozen.system_attrs.get("failed_trial", trial.number)
         started = time.perf_counter()
         stage = "building its config"
+        orphaned: list[int] = []  # non-empty once another worker has failed this trial as stale
+        if origin != trial.number:
+            copy = next((t.number for t in complete_trials(study) if t.system_attrs.get("completed_for") == origin),
+                        None)
+            if copy is not None:  # its original was thought dead, lived on and recorded its result
+                self.abandon(study, trial, f"a duplicate, not run: the run of trial {origin} finished, recorded as "
+                                           f"trial {copy}", retry=False)
+                return "duplicate"
         try:
             cfg = self.setup_trial(study, trial, frozen, origin)
             every = cfg.eval.every_tokens
@@ -597,8 +613,18 @@ class Worker:
                     return
                 index = eval_index(tokens, every)
                 curve[str(index)] = val  # every source's loss: the study can be re-read against any objective
-                trial.set_user_attr("val_loss_by_eval", curve)
-                self.report(trial, index, tokens, val)
+                if orphaned:
+                    return
+                try:
+                    trial.set_user_attr("val_loss_by_eval", curve)
+                    self.report(trial, index, tokens, val)
+                except UpdateFinishedTrialError:
+                    # Another worker failed this trial as stale (this process was stopped or cut off from the
+                    # storage for longer than the grace period) while it still trains: the run goes on (its folder is
+                    # locked, so the retry did not train it twice) and its result is recorded as a copy at the end.
+                    orphaned.append(index)
+                    print(f"trial {trial.number}: failed as stale by another worker while still training here; "
+                          f"training on, the result will be recorded as a copy", flush=True)
 
             tags = {"sparknet.study": self.study_name, "sparknet.trial": str(trial.number),
                     "sparknet.objective": objective.name} | self.trial_tags(trial)
@@ -607,6 +633,9 @@ class Worker:
             stage = f"measuring {objective.metric}"
             metrics = objective.measure(out, cfg)
         except (TrialPruned, Diverged) as exc:  # a bad config is a result: recorded, and the study goes on
+            if study._storage.get_trial(trial._trial_id).state.is_finished():  # failed as stale meanwhile
+                print(f"trial {trial.number} diverged after another worker failed it as stale: {exc}", flush=True)
+                return "pruned"
             with signals_deferred():
                 trial.set_user_attr("reason", str(exc)[:1000])
                 tell(study, trial, state="PRUNED")
@@ -618,6 +647,12 @@ class Worker:
                          f"(the next run continues its checkpoints)", retry=True)
             print(f"trial {trial.number}: interrupted by {why}; queued again (rerun to continue it)", flush=True)
             raise
+        except RunBusy as exc:
+            # The run this trial would train is training in another process: the trial it retries was failed as
+            # stale while its worker lives on. Not run twice: failed, and that worker records the result.
+            self.abandon(study, trial, f"not run: {exc}", retry=False)
+            print(f"trial {trial.number} not run: {exc}", flush=True)
+            return "busy"
         except SparknetError as exc:
             self.abandon(study, trial, f"{stage}: {exc}", retry=False)
             if stage == "building its config":  # these parameters cannot work: the next trial may
@@ -632,15 +667,23 @@ class Worker:
         if out.mlflow_run_id and cfg.tracking.enabled:
             self._log_to_child(cfg, out.mlflow_run_id, metrics)
         with signals_deferred():
-            trial.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
+            target = trial
+            if orphaned or study._storage.get_trial(trial._trial_id).state.is_finished():
+                target = _CompleteCopy(study._storage.get_trial(trial._trial_id), curve)
+            target.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
             if "wikitext-valid/bpb" in metrics:
-                trial.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
-            trial.set_user_attr("mlflow_run_id", out.mlflow_run_id or "")
-            trial.set_user_attr("run_dir", str(out.run_dir))
-            trial.set_user_attr("seconds", out.result["seconds"])  # training (steps, evaluations, checkpoints)
-            self.record(trial, out, metrics, cfg)
-            trial.set_user_attr("wall_seconds", time.perf_counter() - started)  # everything, setup and logging too
-            tell(study, trial, value)
+                target.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
+            target.set_user_attr("mlflow_run_id", out.mlflow_run_id or "")
+            target.set_user_attr("run_dir", str(out.run_dir))
+            target.set_user_attr("seconds", out.result["seconds"])  # training (steps, evaluations, checkpoints)
+            self.record(target, out, metrics, cfg)
+            target.set_user_attr("wall_seconds", time.perf_counter() - started)  # everything, setup and logging too
+            if target is trial:
+                tell(study, trial, value)
+            else:
+                number = target.add_to(study, value)
+                print(f"trial {trial.number} was failed as stale by another worker while it trained here: its "
+                      f"result is recorded as trial {number}, a complete copy", flush=True)
         print(f"trial {trial.number} complete: {objective.metric} {value:.4f}", flush=True)
         return "complete"
 
@@ -657,6 +700,34 @@ class Worker:
                        timeout_s=cfg.tracking.timeout_s)
         except SparknetError as exc:  # the study holds the value; MLflow missing it is not worth a failed trial
             print(f"warning: {exc}", file=sys.stderr, flush=True)
+
+
+class _CompleteCopy:
+    """A finished trial's result, recorded as a new COMPLETE trial with the same parameters: for a trial that another
+    worker failed as stale while this one still trained it (a finished trial cannot change its state). It takes
+    `set_user_attr` as a trial does, so `Worker.record` fills it the same way."""
+
+    def __init__(self, frozen, curve: dict[str, Any]):
+        self.frozen = frozen
+        self.user_attrs = dict(frozen.user_attrs, val_loss_by_eval=curve)
+        self.user_attrs.pop("reason", None)  # the stale failure's reason is the original's, not this result's
+        self.number = frozen.number
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
+
+    def add_to(self, study, value: float) -> int:
+        import optuna
+
+        # `completed_for`: the trial the chain of retries started from, so that a retry of it taken later is known as
+        # a duplicate (Worker.run_trial).
+        system = dict(self.frozen.system_attrs,
+                      completed_for=self.frozen.system_attrs.get("failed_trial", self.frozen.number))
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=value, params=self.frozen.params,
+            distributions=self.frozen.distributions, user_attrs=self.user_attrs, system_attrs=system,
+            intermediate_values={int(k): v for k, v in self.frozen.intermediate_values.items()}))
+        return study.get_trials(deepcopy=False)[-1].number
 
 
 def parse_budget(args, example: str) -> tuple[int, float | None]:

@@ -721,8 +721,20 @@ def main(argv: list[str] | None = None) -> int:
     url = args.storage or default_storage(lab)
     sweep = Sweep(mixture, space, list(args.overrides), args.trials, proxy, study_name, url, timeout,
                   args.heartbeat, args.progress, objective)
-    # Before any trial trains: WikiText-2 validation must be readable if it is the objective.
-    objective.check(sweep.trial_config({}, 0))
+    # Before any trial trains: WikiText-2 validation must be readable if it is the objective, and the held-out slices
+    # it reads must hold a window once prepared (every trial trains on the same stores: prepared here, once).
+    first = sweep.trial_config({}, 0)
+    objective.check(first)
+    if objective.kind != "wikitext-valid":
+        from sparknet.prepare import prepare
+        from sparknet.run import prepare_lock
+
+        with prepare_lock(lab):
+            prepared = prepare(first, progress=args.progress, write_report=False)
+        try:
+            objective.check_prepared(prepared, first)
+        except SparknetError as exc:
+            raise SparknetError(f"{'--objective' if args.objective else f'{space.path}: objective'}: {exc}") from None
     quiet_optuna()
     with interrupt_handlers():
         storage = open_storage(url, args.heartbeat)

@@ -122,6 +122,26 @@ def _fsync_tree(path: Path) -> None:
 _CPU = torch.device("cpu")
 
 
+def agree_on_resume_point(step: int, checkpoint: str, run_dir: Path) -> None:
+    """Every process must resume from the same checkpoint. Each reads `run_dir` on its own machine, and processes on
+    nodes that do not share the lab's filesystem see different folders (rank 0 writes the checkpoints): a rank that
+    starts at step 0 while the others resume would train on other data with other weights, silently. One all-gather
+    of (step, checkpoint, host); a disagreement fails every process with the same one-line error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    import socket
+
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (step, checkpoint or "no checkpoint", socket.gethostname()))
+    if len({(s, c) for s, c, _ in seen}) > 1:
+        which = "; ".join(f"rank {r} on {h}: {c}" for r, (_, c, h) in enumerate(seen))
+        raise SparknetError(f"{run_dir}: the processes would resume from different points ({which}): nodes that do "
+                            f"not share the lab's filesystem see different run folders (fix: put lab_dir on a "
+                            f"filesystem every node mounts, or copy {run_dir} to every node before resuming)")
+
+
 def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf, keep: int,
                     device: torch.device = _CPU) -> Path:
     from safetensors.torch import save_file
@@ -405,7 +425,8 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
               f"{accum} micro-batches x {world} process(es)", flush=True)
 
     step, tokens = state["step"], state["tokens"]
-    start_step = step  # the same on every rank (each read the same checkpoint)
+    agree_on_resume_point(step, existing[-1].name if existing else "", run_dir)
+    start_step = step  # the same on every rank (each read the same checkpoint: checked just above)
     # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
     # beyond any budget); read back only when logging, checkpointing and at the end.
     per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=device)

@@ -290,6 +290,25 @@ def test_the_default_objective_without_wikitext_fails_before_anything_starts(lab
     assert not storage.exists()
 
 
+def test_a_held_out_slice_too_short_for_the_objective_fails_before_any_run(lab, tmp_path, capsys):
+    """val/code reads code's held-out loss, which exists only if its slice (read up to eval.val_tokens) holds one
+    window of seq_len + 1 tokens: found with the prepared stores, before the first of the study's runs trains."""
+    storage = tmp_path / "short.db"
+    assert main(args_for(lab, "short", "--objective", "val/code", "eval.val_tokens=32",
+                         storage=f"sqlite:///{storage}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--objective val/code: objective val/code: source 'code' has " in err
+    assert "33 of them read (eval.val_tokens 32), fewer than one window of train.seq_len + 1 = 65" in err
+    assert "fix: raise mixture.val_tokens or eval.val_tokens, or choose another objective" in err
+    assert not list((lab / "runs").glob("short-*")) if (lab / "runs").exists() else True  # nothing trained
+    if storage.exists():  # the study may not exist either: no queued run is left behind
+        import sqlite3 as db
+
+        with db.connect(storage) as con:
+            assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+
+
 def test_a_source_too_small_for_a_point_fails_naming_the_point_before_any_run(lab, tmp_path, capsys):
     """A small local source (a few notes) that a single-source point would have to repeat past its max_repeats: the
     check runs before the first run trains, and names the point."""

@@ -44,6 +44,47 @@ def test_unknown_names_are_one_line_errors(text, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+class _Slice:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _prepared(val_tokens: dict[str, int]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(stores={k: SimpleNamespace(val=lambda n=n: _Slice(n)) for k, n in val_tokens.items()})
+
+
+def _cfg(seq_len: int, eval_val_tokens: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(train=SimpleNamespace(seq_len=seq_len), eval=SimpleNamespace(val_tokens=eval_val_tokens))
+
+
+@pytest.mark.parametrize("objective, slices, eval_cap, message", [
+    ("val/code", {"docs": 10, "code": 65}, 0, None),  # exactly one window of 64 + 1: a loss exists
+    ("val/code", {"docs": 10, "code": 64}, 0, "source 'code' has 64 held-out tokens, fewer than one window of "
+                                              "train.seq_len + 1 = 65"),
+    ("val/docs", {"docs": 1000, "code": 0}, 0, None),  # code's slice is not read by val/docs
+    ("val", {"docs": 1000, "code": 0}, 0, "objective val: source 'code' has 0 held-out tokens"),
+    ("val", {"docs": 1000, "code": 1000}, 63, "source 'docs' has 1,000 held-out tokens, 64 of them read "
+                                              "(eval.val_tokens 63)"),
+    ("val", {"docs": 1000, "code": 1000}, 64, None),
+    ("wikitext-valid", {"docs": 0, "code": 0}, 0, None),  # scored on WikiText-2, not on the slices
+])
+def test_held_out_slices_too_short_for_the_objective_fail_before_training(objective, slices, eval_cap, message):
+    o = Objective.parse(objective, SOURCES)
+    if message is None:
+        o.check_prepared(_prepared(slices), _cfg(64, eval_cap))
+        return
+    with pytest.raises(SparknetError) as e:
+        o.check_prepared(_prepared(slices), _cfg(64, eval_cap))
+    assert message in str(e.value) and "(fix: raise mixture.val_tokens" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_values_from_losses_and_results():
     losses = {"docs": 2.0, "code": 5.0}
     val, code, wiki = (Objective.parse(t, SOURCES) for t in ("val", "val/code", "wikitext-valid"))

@@ -234,6 +234,8 @@ def test_an_interrupt_leaves_the_trial_resumable_and_its_retry_continues_the_pru
     assert failed.user_attrs["reason"].startswith("interrupted by SIGTERM while training")
     assert list(failed.intermediate_values) == [0]
     assert queued.params == failed.params and queued.system_attrs["failed_trial"] == 1
+    # An interrupt is not a stale-heartbeat retry: Optuna's retry budget (max_retry) is left whole.
+    assert queued.system_attrs["interrupt_history"] == [1] and "retry_history" not in queued.system_attrs
 
     monkeypatch.setattr(sparknet.run, "execute", real)
     assert main(argv) == 0
@@ -291,6 +293,57 @@ def test_failed_trials_are_recorded_with_their_reason_and_never_retried(lab, mon
     assert trials[2].user_attrs["reason"] == "training: the disk is full (fix: free some space)"
     assert trials[3].user_attrs["reason"] == "training: RuntimeError: boom"
     assert all("failed_trial" not in t.system_attrs for t in trials)  # a failure is never retried
+
+
+def test_a_trial_failed_as_stale_while_it_trains_is_not_trained_twice_and_its_result_is_kept(lab, monkeypatch,
+                                                                                               capsys):
+    """A worker stopped (SIGSTOP, a suspended laptop) past the grace period: another worker fails its trial as stale
+    and Optuna queues a retry. The retry must not train into the same run folder while the original lives (the run
+    folder's lock), the original's result is kept (as a complete copy: a failed trial cannot become complete), and
+    the retry, taken after the original finished, is a duplicate and is not run."""
+    import optuna
+
+    import sparknet.run
+
+    real = sparknet.run.execute
+    seen = []
+
+    def execute(cfg, **kw):
+        on_eval = kw["on_eval"]
+
+        def hooked(tokens, val):
+            if cfg.name.endswith("-t0") and not seen:
+                seen.append(tokens)
+                # What another worker does when this one's heartbeat went stale: fail it, queue the retry.
+                study = load(lab, "stale")
+                (running,) = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+                study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(
+                    study, study._storage.get_trial(running._trial_id))
+                # ... and the retry, started meanwhile, finds the run folder in use.
+                with pytest.raises(sparknet.run.RunBusy, match=r"in use by pid \d+ on .*training this config"):
+                    real(cfg, progress=False)
+            on_eval(tokens, val)
+
+        return real(cfg, **dict(kw, on_eval=hooked))
+
+    monkeypatch.setattr(sparknet.run, "execute", execute)
+    assert main(args_for(lab, "stale", trials=2)) == 0
+    out = capsys.readouterr().out
+    assert "trial 0: failed as stale by another worker while still training here" in out
+    assert "trial 0 was failed as stale by another worker while it trained here: its result is recorded as trial 2" \
+        in out
+    trials = load(lab, "stale").trials
+    assert [t.state.name for t in trials[:3]] == ["FAIL", "FAIL", "COMPLETE"]
+    original, retry, copy = trials[:3]
+    assert copy.params == original.params and copy.system_attrs["completed_for"] == 0
+    assert copy.value == pytest.approx(copy.user_attrs["val_loss"]["docs"] * 0.5
+                                       + copy.user_attrs["val_loss"]["code"] * 0.5)
+    assert Path(copy.user_attrs["run_dir"]).name.startswith("stale-t0-")
+    assert retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["reason"] == "a duplicate, not run: the run of trial 0 finished, recorded as trial 2"
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2  # the study still ends with the trials it asked for
+    assert len(list((lab / "runs").glob("stale-t0-*"))) == 1
 
 
 def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, subprocess_env):
@@ -550,6 +603,17 @@ def test_bad_objectives_fail_before_any_trial(lab, tmp_path, capsys, objective, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_a_held_out_slice_too_short_for_the_objective_fails_before_any_trial(lab, tmp_path, capsys):
+    """The stores are prepared once before the study starts, and val/code needs a window of code's slice."""
+    argv = args_for(lab, "short", "--objective", "val/code", "eval.val_tokens=16",
+                    storage=f"sqlite:///{tmp_path / 'never.db'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--objective: objective val/code: source 'code' has" in err and "(eval.val_tokens 16)" in err
     assert not (tmp_path / "never.db").exists()
 
 

@@ -70,10 +70,40 @@ def test_tiny_model_learns_real_text_and_trains_exactly_the_budget(finished):
     assert len(r["samples"]) == 2 and r["samples"][0].startswith("The")
 
 
-def test_rerunning_a_finished_run_does_nothing(finished, capsys):
+def test_rerunning_a_finished_run_does_nothing(finished, lab, capsys):
     cfg, out = finished
     again = execute(cfg, progress=False)
     assert again.already_done and again.result == out.result
+    printed = capsys.readouterr().out
+    assert "already finished" in printed and "other settings" not in printed
+    # Other eval settings find the same finished run (eval is not part of its identity): said, not silently returned.
+    other = cfg_for(lab, "eval.wikitext=[hf-strided-64]", "eval.val_tokens=1024")
+    assert run_dir_for(other) == out.run_dir
+    again = execute(other, progress=False)
+    assert again.already_done and again.result == out.result
+    note = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert len(note) == 1 and "it was evaluated with other settings (eval.wikitext: then [], now ['hf-strided-64']; " \
+        "eval.val_tokens: then 2048, now 1024)" in note[0]
+    assert f"sparknet.compare --evaluate --run-id {out.mlflow_run_id}" in note[0] and "--fresh trains" in note[0]
+
+
+def test_a_second_launch_of_a_running_config_fails_and_touches_nothing(finished, lab, capsys):
+    """The run folder's lock: a second `sparknet.run` of a config that is training (here: the lock held as the first
+    launch holds it) fails in one line naming the holder, even with --fresh, which would delete the folder."""
+    from sparknet.run import run_busy, run_lock
+
+    cfg, out = finished
+    before = sorted((p.relative_to(out.run_dir), p.stat().st_mtime_ns) for p in out.run_dir.rglob("*"))
+    with run_lock(out.run_dir):
+        assert run_busy(out.run_dir).startswith(f"pid {os.getpid()} on ")
+        for extra in ([], ["--fresh"]):
+            assert main([str(lab / "tiny.yaml"), f"lab_dir={lab}", *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert f"{out.run_dir}: in use by pid {os.getpid()} on " in err and "fix: wait for it to end" in err
+    assert sorted((p.relative_to(out.run_dir), p.stat().st_mtime_ns) for p in out.run_dir.rglob("*")) == before
+    assert run_busy(out.run_dir) == ""  # released: the next launch goes ahead
+    assert main([str(lab / "tiny.yaml"), f"lab_dir={lab}"]) == 0
     assert "already finished" in capsys.readouterr().out
 
 
@@ -300,6 +330,41 @@ def test_a_run_killed_after_a_checkpoint_resumes_on_another_process_count(finish
     assert res["tokens_per_source"] == ref.result["tokens_per_source"]  # == the plan (checked by train too)
     for k, v in ref.result["val_loss"].items():
         assert res["val_loss"][k] == pytest.approx(v, abs=2e-3)
+
+
+def _resume_point_worker(rank: int, init: str, steps: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    from sparknet.errors import SparknetError
+    from sparknet.train import agree_on_resume_point
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        name = f"step-{steps[rank]:08d}" if steps[rank] else ""
+        agree_on_resume_point(steps[rank], name, Path("lab/runs/r"))
+        Path(f"{out}.{rank}").write_text("agreed")
+    except SparknetError as exc:
+        Path(f"{out}.{rank}").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps", [[40, 0]])  # agreement: every two-process test above passes through it
+def test_processes_that_see_different_checkpoints_refuse_to_resume(tmp_path, steps):
+    """Two nodes without a shared filesystem: rank 0 sees its checkpoint, rank 1 (another node's lab) none. Both
+    fail with the same one-line error, instead of one of them training from step 0."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "out")
+    mp.spawn(_resume_point_worker, args=(f"file://{tmp_path / 'rendezvous'}", steps, out), nprocs=2, join=True)
+    said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
+    if steps[0] == steps[1]:
+        assert said == ["agreed", "agreed"]
+        return
+    assert said[0] == said[1] and "\n" not in said[0]
+    assert said[0].startswith("lab/runs/r: the processes would resume from different points (rank 0 on ")
+    assert ": step-00000040; rank 1 on " in said[0] and ": no checkpoint)" in said[0]
+    assert "fix: put lab_dir on a filesystem every node mounts, or copy lab/runs/r to every node" in said[0]
 
 
 def test_a_checkpoint_of_another_global_batch_is_refused(finished, tmp_path):
