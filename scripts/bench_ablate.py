@@ -16,15 +16,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparknet, and tests/tinylab.py: the tests' tiny real-text lab
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinylab import DROP, write_tiny_mixture  # noqa: E402
+from tinylab import DROP, timed_study  # noqa: E402
 
 # The tests' tiny recipe with three sources (as tests/test_ablate.py), a 1M-token full budget, sources that may repeat
 # 20 times, in the default shard size.
@@ -45,36 +43,23 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as a worker on a busy 2-core machine (OpenMP's spinning costs tiny runs dearly)
     from sparknet.ablate import main as ablate_main
-    from sparknet.study import load_study
 
-    with tempfile.TemporaryDirectory(prefix="sparknet-bench-ablate-") as tmp:
-        lab = Path(tmp)
-        write_tiny_mixture(lab, **MIXTURE)
-        os.chdir(lab)
-        # Warm the token stores and the BPE once, as the first worker of an overnight study would.
-        from sparknet.config import load_config
-        from sparknet.prepare import prepare
-        prepare(load_config(lab / "tiny.yaml", [f"lab_dir={lab}", f"mixture.total_tokens={args.proxy_tokens}"]),
-                progress=False)
-        t0 = time.perf_counter()
-        code = ablate_main([str(lab / "tiny.yaml"), "--design", args.design, "--seeds", str(args.seeds),
-                            "--proxy-tokens", args.proxy_tokens, "--objective", args.objective, "--study", "bench",
-                            f"lab_dir={lab}"])
-        total = time.perf_counter() - t0
-        if code:
-            return code
-        trials = load_study("bench", f"sqlite:///{lab / 'optuna.db'}").trials
-        done = [t for t in trials if "wall_seconds" in t.user_attrs]
-        over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
-        train = [t.user_attrs["seconds"] for t in done]
-        print(f"\n{len(trials)} runs ({len(done)} completed; design {args.design} x {args.seeds} seed(s)) at "
-              f"{int(args.proxy_tokens):,} tokens in {total:.1f} s (whole study: start-up, store check, summary, fit "
-              f"and plots included)")
-        print(f"per point: training {statistics.median(train):.2f} s, overhead {statistics.median(over):.2f} s median "
-              f"(first {over[0]:.2f} s, max {max(over):.2f} s)  target <= 5 s: "
-              f"{'PASS' if statistics.median(over) <= 5 else 'MISS'}")
-        print(f"points per hour at this proxy budget: {3600 * len(trials) / total:.0f} (whole study); "
-              f"{3600 / statistics.median([a + b for a, b in zip(train, over)]):.0f} (per run, steady state)")
+    code, total, trials = timed_study("sparknet-bench-ablate-", args.proxy_tokens, lambda lab: ablate_main(
+        [str(lab / "tiny.yaml"), "--design", args.design, "--seeds", str(args.seeds), "--proxy-tokens",
+         args.proxy_tokens, "--objective", args.objective, "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
+    if code:
+        return code
+    done = [t for t in trials if "wall_seconds" in t.user_attrs]
+    over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
+    train = [t.user_attrs["seconds"] for t in done]
+    print(f"\n{len(trials)} runs ({len(done)} completed; design {args.design} x {args.seeds} seed(s)) at "
+          f"{int(args.proxy_tokens):,} tokens in {total:.1f} s (whole study: start-up, store check, summary, fit "
+          f"and plots included)")
+    print(f"per point: training {statistics.median(train):.2f} s, overhead {statistics.median(over):.2f} s median "
+          f"(first {over[0]:.2f} s, max {max(over):.2f} s)  target <= 5 s: "
+          f"{'PASS' if statistics.median(over) <= 5 else 'MISS'}")
+    print(f"points per hour at this proxy budget: {3600 * len(trials) / total:.0f} (whole study); "
+          f"{3600 / statistics.median([a + b for a, b in zip(train, over)]):.0f} (per run, steady state)")
     return 0
 
 

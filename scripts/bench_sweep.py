@@ -14,15 +14,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sparknet, and tests/tinylab.py: the tests' tiny real-text lab
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinylab import DROP, write_tiny_mixture  # noqa: E402
+from tinylab import DROP, timed_study  # noqa: E402
 
 # The tests' tiny recipe (8 sequences a step, as in tests/test_sweep.py) with a 1M-token full budget and sources
 # that may repeat 20 times, in the default shard size.
@@ -34,35 +32,22 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--proxy-tokens", default="16384")
     args = ap.parse_args()
-    import optuna
-
     from sparknet.sweep import main as sweep_main
 
-    with tempfile.TemporaryDirectory(prefix="sparknet-bench-sweep-") as tmp:
-        lab = Path(tmp)
-        write_tiny_mixture(lab, **MIXTURE)
-        os.chdir(lab)
-        # Warm the token store and the BPE once, as an overnight sweep's first trial would.
-        from sparknet.config import load_config
-        from sparknet.prepare import prepare
-        prepare(load_config(lab / "tiny.yaml", [f"lab_dir={lab}", f"mixture.total_tokens={args.proxy_tokens}"]),
-                progress=False)
-        t0 = time.perf_counter()
-        code = sweep_main(["--mixture", str(lab / "tiny.yaml"), "--trials", str(args.trials), "--proxy-tokens",
-                           args.proxy_tokens, "--study", "bench", f"lab_dir={lab}"])
-        total = time.perf_counter() - t0
-        if code:
-            return code
-        trials = optuna.load_study(study_name="bench", storage=f"sqlite:///{lab / 'optuna.db'}").trials
-        done = [t for t in trials if "wall_seconds" in t.user_attrs]
-        over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
-        train = [t.user_attrs["seconds"] for t in done]
-        print(f"\n{len(trials)} trials ({len(done)} completed) at {int(args.proxy_tokens):,} tokens in {total:.1f} s "
-              f"(whole sweep, incl. start-up, summary and plots)")
-        print(f"per completed trial: training {statistics.median(train):.2f} s, overhead "
-              f"{statistics.median(over):.2f} s median (max {max(over):.2f} s)  target <= 5 s: "
-              f"{'PASS' if statistics.median(over) <= 5 else 'MISS'}")
-        print(f"trials per hour at this proxy budget: {3600 * len(trials) / total:.0f}")
+    code, total, trials = timed_study("sparknet-bench-sweep-", args.proxy_tokens, lambda lab: sweep_main(
+        ["--mixture", str(lab / "tiny.yaml"), "--trials", str(args.trials), "--proxy-tokens", args.proxy_tokens,
+         "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
+    if code:
+        return code
+    done = [t for t in trials if "wall_seconds" in t.user_attrs]
+    over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
+    train = [t.user_attrs["seconds"] for t in done]
+    print(f"\n{len(trials)} trials ({len(done)} completed) at {int(args.proxy_tokens):,} tokens in {total:.1f} s "
+          f"(whole sweep, incl. start-up, summary and plots)")
+    print(f"per completed trial: training {statistics.median(train):.2f} s, overhead "
+          f"{statistics.median(over):.2f} s median (max {max(over):.2f} s)  target <= 5 s: "
+          f"{'PASS' if statistics.median(over) <= 5 else 'MISS'}")
+    print(f"trials per hour at this proxy budget: {3600 * len(trials) / total:.0f}")
     return 0
 
 

@@ -13,8 +13,8 @@ For each process count, every micro-batch of every process at every step is prod
   the bytes are read from the shard files directly (not through the loader's reader);
 - each row's labels take a loss on exactly the planned number of tokens, and its source id is the planned one;
 - realized tokens per source are counted from the yielded batches and must equal the plan (and so the spec);
-- no document of a source's training region that the plan can read is identical to one of its validation
-  documents (compared as token sequences between end-of-text tokens).
+- no document of a source's training region that the plan can read is identical to one of its own validation
+  documents or another source's (compared as token sequences between end-of-text tokens).
 
 SparkNet's v5 builder trained on another mixture than the configured one and nothing noticed; this audit fails,
 naming the step, process and row, when the batches differ from what the stores and the plan say they must be.
@@ -111,19 +111,29 @@ def _document_digests(read, total: int, eot: int, chunk: int = AUDIT_CHUNK_TOKEN
 
 def _check_validation_disjoint(prepared, raw: dict[str, _RawSource], report: AuditReport,
                                chunk: int = AUDIT_CHUNK_TOKENS) -> None:
-    for name, src in raw.items():
+    """No training document of any source is identical to a validation document of any source (its own, or
+    another's: two sources holding copies of one text would validate one on what the other trains)."""
+    val_docs: dict[str, set[bytes]] = {}
+    for name in raw:
         store = prepared.stores[name]
         eot = int(store.manifest["tokenizer"]["eot_id"])
-        val = store.val()
-        val_docs = set(_document_digests(val.read, store.val_tokens, eot, chunk))
-        report.val_documents[name] = len(val_docs)
-        checked = leaked = 0
+        val_docs[name] = set(_document_digests(store.val().read, store.val_tokens, eot, chunk))
+        report.val_documents[name] = len(val_docs[name])
+    for name, src in raw.items():
+        eot = int(prepared.stores[name].manifest["tokenizer"]["eot_id"])
+        checked = 0
+        leaked = dict.fromkeys(val_docs, 0)
         for digest in _document_digests(src.read, src.usable, eot, chunk):
             checked += 1
-            leaked += digest in val_docs
+            for other, docs in val_docs.items():
+                leaked[other] += digest in docs
         report.train_documents_checked[name] = checked
-        if leaked:
-            report.fail(f"source {name}: {leaked} training document(s) identical to validation documents")
+        if leaked[name]:
+            report.fail(f"source {name}: {leaked[name]} training document(s) identical to validation documents")
+        for other, n in leaked.items():
+            if n and other != name:
+                report.fail(f"source {name}: {n} training document(s) identical to validation documents of source "
+                            f"{other}")
 
 
 def _micro_batch_for(prepared, processes: int) -> int:
@@ -210,7 +220,8 @@ def format_audit(report: AuditReport, names: tuple[str, ...]) -> str:
                          f"{'equal' if r == p else 'MISMATCH'}")
     for name in names:
         lines.append(f"audit {name:<14} {report.train_documents_checked.get(name, 0):,} training documents, none "
-                     f"identical to its {report.val_documents.get(name, 0):,} validation documents"
+                     f"identical to its {report.val_documents.get(name, 0):,} validation documents or another "
+                     f"source's"
                      if not any(p.startswith(f"source {name}:") for p in report.problems) else
                      f"audit {name:<14} training documents identical to validation documents: see below")
     lines += [f"audit: {n}" for n in report.notes]

@@ -65,7 +65,8 @@ class SourceConfig:
     split: str = _f("train", "hf: split to read.")
     text_field: str = _f("text", "hf/local jsonl/json/parquet: the column that holds the text.")
     streaming: bool = _f(True, "hf: stream rows instead of downloading the whole dataset first.")
-    part: PydocsPart = _f("docstrings", "pydocs: which text of the installed Python to read.")
+    part: PydocsPart = _f("docstrings", "pydocs: which text of the installed Python to read (code: the stdlib "
+                          "without its docstrings, which are the docstrings part).")
     max_repeats: float = _f(1.0, "Most epochs the plan may take over this source's training "
                             "tokens; prepare fails before training if the share needs more.")
     max_document_bytes: int = _f(64 * 2**20, "A single document (or jsonl line) larger than this is "

@@ -18,7 +18,8 @@ Kinds:
           `text_field`), txt/md (one per file), html (one per file, markup stripped).
 - blog:   a folder of posts (md/html/txt), one document per post, front matter and markup stripped.
 - pydocs: text that any Python installation carries: stdlib docstrings, installed packages' READMEs,
-          or stdlib source code. Three clearly different domains, present without any download.
+          or stdlib source code with its docstrings cut out (so no part holds another's text). Three clearly
+          different domains, present without any download.
 """
 
 from __future__ import annotations
@@ -496,9 +497,9 @@ def _distributions_on(path: tuple[str, ...]) -> tuple[tuple[str, str, object], .
     return tuple(seen[k] for k in sorted(seen))
 
 
-def module_docstrings(source: str) -> str:
-    """The module, class and function docstrings of a Python source file, in order."""
-    tree = ast.parse(source)
+def module_docstrings(source: str, tree: ast.AST | None = None) -> str:
+    """The module, class and function docstrings of a Python source file, in order (`tree`: its parse, if made)."""
+    tree = tree or ast.parse(source)
     docs = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -519,14 +520,14 @@ def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[ast.Constant, bool]]:
                 yield first.value, len(node.body) == 1 and not isinstance(node, ast.Module)
 
 
-def code_without_docstrings(source: str) -> str:
+def code_without_docstrings(source: str, tree: ast.AST | None = None) -> str:
     """A Python source file with its module, class and function docstrings cut out (comments and code kept).
 
     Why: the `docstrings` part is those docstrings, so with them left in, every validation document of
     `docstrings` would sit inside a training document of `code` in a mixture of both: a leak that no exact
     duplicate check finds. Lines a docstring filled are dropped, so no hole stands where it was; a body that was
-    only a docstring gets `pass`, so the file stays valid Python."""
-    tree = ast.parse(source)
+    only a docstring gets `pass`, so the file stays valid Python. `tree`: its parse, if made."""
+    tree = tree or ast.parse(source)
     lines = source.splitlines(keepends=True)
     offsets = [0]
     for line in lines:
@@ -564,20 +565,21 @@ def _iter_pydocs(src: SourceConfig) -> Iterator[str]:
         return
     for f in _stdlib_files():
         try:
-            if src.part == "docstrings":
-                st = os.stat(f)
-                yield _docstrings_of(f, st.st_size, st.st_mtime_ns)
-            else:
-                yield code_without_docstrings(Path(f).read_text(encoding="utf-8"))
+            st = os.stat(f)
+            docstrings, code = _parts_of(f, st.st_size, st.st_mtime_ns)
+            yield docstrings if src.part == "docstrings" else code
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             yield ""  # a few stdlib files are deliberately broken (test data); keep positions stable
 
 
 @functools.lru_cache(maxsize=4096)
-def _docstrings_of(path: str, size: int, mtime_ns: int) -> str:
-    """Cached per file (size and mtime in the key): parsing the stdlib takes ~10 s on a slow core, and one
-    prepare reads it up to four times (validation selection, tokenizer training, the store); ~2 MB held."""
-    return module_docstrings(Path(path).read_text(encoding="utf-8"))
+def _parts_of(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+    """A stdlib file's (docstrings, code without them). Cached per file (size and mtime in the key): parsing the
+    stdlib takes ~15 s on a slow core, and one prepare reads each part up to four times (validation selection,
+    tokenizer training, the store); ~30 MB held (the stdlib's text)."""
+    text = Path(path).read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    return module_docstrings(text, tree), code_without_docstrings(text, tree)
 
 
 # --------------------------------------------------------------------------------- checks before tokenizing

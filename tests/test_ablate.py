@@ -12,15 +12,13 @@ import math
 import os
 import random
 import re
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tinylab import kill_mid_study
 
 from sparknet.ablate import main
 
@@ -366,6 +364,49 @@ def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, 
         assert c.mixture.total_tokens == PROXY and c.train.seed == 1337
 
 
+def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tmp_path, monkeypatch, capsys):
+    """A run folder locked by a live process (a worker whose trial was failed as stale while it trained on): the
+    study neither queues nor takes that point meanwhile, runs the others, and takes it once the lock is gone."""
+    import threading
+
+    import sparknet.run
+    from sparknet.ablate import Ablation
+    from sparknet.config import load_config
+    from sparknet.mixfit import design_points
+    from sparknet.objective import Objective
+    from sparknet.run import run_dir_for, run_lock
+
+    mixture = str(lab / "tri.yaml")
+    base = load_config(mixture, [f"lab_dir={lab}"])
+    points = design_points("leave-one-out", NAMES, tuple(s.weight for s in base.mixture.sources))
+    abl = Ablation(mixture, "leave-one-out", points, NAMES, None, [base.train.seed], PROXY, "busy", "sqlite://",
+                   [f"lab_dir={lab}"], Objective.parse("val", NAMES))
+    held = run_dir_for(abl.point_config(1, base.train.seed))
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    lock = run_lock(held)
+    lock.__enter__()
+    real = sparknet.run.execute
+
+    def execute(cfg, **kw):
+        out = real(cfg, **kw)
+        if cfg.name.endswith("-p3-s0"):  # the other points are done: the live process ends a moment later
+            threading.Timer(3.0, lambda: lock.__exit__(None, None, None)).start()
+        return out
+
+    monkeypatch.setattr(sparknet.run, "execute", execute)
+    assert main(args_for(lab, "busy", "--objective", "val", storage=url)) == 0
+    out = capsys.readouterr().out
+    trials = load(url, "busy").trials
+    # Every point is queued at the start: point 1's queued trial, taken while the folder was held, is failed as a
+    # duplicate (not run), and the point is queued again only once the folder is free.
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["reason"].startswith(f"a duplicate, not run: its run folder is in use by pid "
+                                                     f"{os.getpid()} on ")
+    assert [t.user_attrs["point"] for t in trials] == [0, 1, 2, 3, 1]
+    assert Path(trials[4].user_attrs["run_dir"]) == held and "seconds" in trials[4].user_attrs
+    assert "trial 4: point 1 (without docs" in out
+
+
 def test_findings_say_what_the_table_says():
     import pandas as pd
 
@@ -407,22 +448,7 @@ def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.ablate", *args_for(lab, "killed", "--objective", "val", "--heartbeat", "1",
                                                              design="random:3", storage=url)]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with sqlite3.connect(lab / "killed.db", timeout=1) as db:
-                states = [s for (s,) in db.execute("SELECT state FROM trials")]
-        except sqlite3.Error:
-            states = []
-        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole worker, outright: no handler runs
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait()
+    killed = kill_mid_study(cmd, subprocess_env, lab, lab / "killed.db")
     assert killed, "the worker finished before it could be killed mid-study"
     assert _states(url, "killed").get("RUNNING") == 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tinylab import two_local_sources
 
 from sparknet.audit import audit, format_audit
 from sparknet.config import config_from_dict
@@ -18,15 +19,7 @@ def docs_for(prefix: str, n: int) -> list[str]:
 
 
 def config(tmp_path):
-    return {
-        "lab_dir": str(tmp_path / "lab"),
-        "mixture": {"total_tokens": 20_000, "val_tokens": 200, "sources": [
-            {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 0.7, "max_repeats": 5},
-            {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": 0.3, "max_repeats": 5}]},
-        "model": {"preset": "cpu-tiny"},
-        "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 768},
-        "prepare": {"shard_tokens": 2048},
-    }
+    return two_local_sources(tmp_path)
 
 
 @pytest.fixture
@@ -135,3 +128,21 @@ def test_documents_are_read_in_chunks_with_the_same_result_as_whole(prepared):
     shard[: len(doc)] = doc
     shard.flush()
     assert in_chunks_of_5().problems == ["source a: 1 training document(s) identical to validation documents"]
+
+
+def test_a_training_document_identical_to_another_sources_validation_document_fails_the_audit(tmp_path, write_jsonl):
+    """Two sources holding a copy of one text (different files, so the overlap check cannot see it): the copy that
+    one source validates on must not be trained on by the other."""
+    a_docs, b_docs = docs_for("alpha", 300), docs_for("beta", 200)
+    write_jsonl("a/a.jsonl", a_docs)
+    write_jsonl("b/b.jsonl", b_docs)
+    first = prepare(config_from_dict(config(tmp_path)), workers=1, progress=False)
+    assert audit(first, (1,)).ok
+    # Which of a's documents are held out is decided by their hashes: copy all of a's to the front of b's file (a
+    # different file), so a's validation documents are also in the part of b's training region the plan reads.
+    write_jsonl("b/b.jsonl", a_docs + b_docs)
+    cfg = config(tmp_path)
+    cfg["lab_dir"] = str(tmp_path / "lab2")
+    report = audit(prepare(config_from_dict(cfg), workers=1, progress=False), (1,))
+    crossed = [p for p in report.problems if p.startswith("source b: ") and "validation documents of source a" in p]
+    assert len(crossed) == 1, report.problems

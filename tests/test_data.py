@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tinylab import two_local_sources
 
 from sparknet.config import config_from_dict
 from sparknet.data import IGNORE_INDEX, Loader
@@ -20,15 +21,7 @@ def docs_for(prefix: str, n: int) -> list[str]:
 def prepared(tmp_path, write_jsonl):
     write_jsonl("a/a.jsonl", docs_for("alpha", 300))
     write_jsonl("b/b.jsonl", docs_for("beta", 200))
-    cfg = config_from_dict({
-        "lab_dir": str(tmp_path / "lab"),
-        "mixture": {"total_tokens": 20_000, "val_tokens": 200, "sources": [
-            {"name": "a", "kind": "local", "path": str(tmp_path / "a"), "weight": 0.7, "max_repeats": 5},
-            {"name": "b", "kind": "local", "path": str(tmp_path / "b"), "weight": 0.3, "max_repeats": 5}]},
-        "model": {"preset": "cpu-tiny"},
-        "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 768},
-        "prepare": {"shard_tokens": 2048},
-    })
+    cfg = config_from_dict(two_local_sources(tmp_path))
     return prepare(cfg, workers=1, progress=False)
 
 

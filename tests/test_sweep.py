@@ -12,14 +12,13 @@ import random
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from tinylab import kill_mid_study
 
 from sparknet.config import ConfigError, load_config, to_dict
 from sparknet.errors import SparknetError
@@ -350,22 +349,7 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, 
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=2,
                                                                storage=url)]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with sqlite3.connect(lab / "killed.db", timeout=1) as db:
-                states = [s for (s,) in db.execute("SELECT state FROM trials")]
-        except sqlite3.Error:
-            states = []
-        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait()
+    killed = kill_mid_study(cmd, subprocess_env, lab, lab / "killed.db")
     assert killed, "the worker finished before it could be killed mid-trial"
     assert trial_states(url, "killed").get("RUNNING") == 1
 

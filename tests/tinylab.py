@@ -11,6 +11,11 @@ sys.path, and scripts/bench_sweep.py puts it there itself.
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +54,66 @@ def write_tiny_mixture(folder: Path, name: str = "tiny.yaml", **overrides: Any) 
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(tiny_mixture(**overrides), sort_keys=False), encoding="utf-8")
     return path
+
+
+def two_local_sources(folder: Path) -> dict[str, Any]:
+    """A config dict over two local jsonl sources, `a` (70%) and `b` (30%), in folder/a and folder/b (the test writes
+    them): 20,000 tokens of 64-token sequences, 12 a step, for tests of the plan, the loader and the audit."""
+    return {
+        "lab_dir": str(Path(folder) / "lab"),
+        "mixture": {"total_tokens": 20_000, "val_tokens": 200, "sources": [
+            {"name": "a", "kind": "local", "path": str(Path(folder) / "a"), "weight": 0.7, "max_repeats": 5},
+            {"name": "b", "kind": "local", "path": str(Path(folder) / "b"), "weight": 0.3, "max_repeats": 5}]},
+        "model": {"preset": "cpu-tiny"},
+        "train": {"seq_len": 64, "micro_batch_size": 4, "batch_tokens": 768},
+        "prepare": {"shard_tokens": 2048},
+    }
+
+
+def kill_mid_study(cmd: list[str], env: dict[str, str], cwd: Path, db: Path, timeout_s: float = 240) -> bool:
+    """Start a study worker (`cmd`, on the SQLite study `db`) and SIGKILL its whole process group the moment one
+    trial is complete and another running: no handler runs, the running trial's heartbeat just stops. True if it
+    was killed so, False if it ended first."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout_s
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(db, timeout=1) as con:
+                states = [s for (s,) in con.execute("SELECT state FROM trials")]
+        except sqlite3.Error:
+            states = []
+        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait()
+    return killed
+
+
+def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[int, float, list]:
+    """For the study benchmarks (scripts/bench_sweep.py, bench_ablate.py): in a temporary lab with the tiny recipe
+    (`mixture`: tiny_mixture's overrides), warm the token stores and the BPE once (as a study's first run would),
+    then time `cli(lab)`, a study named "bench" on the lab's SQLite storage. Returns (exit code, seconds, the
+    study's trials)."""
+    import tempfile
+
+    import optuna
+
+    from sparknet.config import load_config
+    from sparknet.prepare import prepare
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        lab = Path(tmp)
+        write_tiny_mixture(lab, **mixture)
+        os.chdir(lab)
+        prepare(load_config(lab / "tiny.yaml", [f"lab_dir={lab}", f"mixture.total_tokens={proxy_tokens}"]),
+                progress=False)
+        t0 = time.perf_counter()
+        code = cli(lab)
+        seconds = time.perf_counter() - t0
+        trials = [] if code else optuna.load_study(study_name="bench", storage=f"sqlite:///{lab / 'optuna.db'}").trials
+        os.chdir(ROOT)
+    return code, seconds, trials
