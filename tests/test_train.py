@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tinylab import kill_tree
 
 from sparknet.config import TrainConfig, load_config
 from sparknet.run import execute, main, run_dir_for
@@ -316,7 +317,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_on_another_process_count(finish
     deadline = time.time() + 300
     while time.time() < deadline and not _checkpoints(run_dir) and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+    kill_tree(proc.pid)  # the launcher and its workers (torchrun's are in sessions of their own)
     proc.wait()
     assert _checkpoints(run_dir), "no checkpoint was written before the kill"
     killed_at = json.loads((_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())

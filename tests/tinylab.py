@@ -117,3 +117,35 @@ def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[in
         trials = [] if code else optuna.load_study(study_name="bench", storage=f"sqlite:///{lab / 'optuna.db'}").trials
         os.chdir(ROOT)
     return code, seconds, trials
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, read from /proc (Linux): torchrun starts its workers in sessions of their own,
+    so killing the launcher's process group leaves them training."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher's process group and every process below it (torchrun's workers included)."""
+    below = descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
