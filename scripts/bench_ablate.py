@@ -44,15 +44,12 @@ def main() -> int:
     torch.set_num_threads(1)  # as a worker on a busy 2-core machine (OpenMP's spinning costs tiny runs dearly)
     from sparknet.ablate import main as ablate_main
 
-    code, total, trials = timed_study("sparknet-bench-ablate-", args.proxy_tokens, lambda lab: ablate_main(
+    code, total, trials, train, over = timed_study("sparknet-bench-ablate-", args.proxy_tokens, lambda lab: ablate_main(
         [str(lab / "tiny.yaml"), "--design", args.design, "--seeds", str(args.seeds), "--proxy-tokens",
          args.proxy_tokens, "--objective", args.objective, "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
     if code:
         return code
-    done = [t for t in trials if "wall_seconds" in t.user_attrs]
-    over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
-    train = [t.user_attrs["seconds"] for t in done]
-    print(f"\n{len(trials)} runs ({len(done)} completed; design {args.design} x {args.seeds} seed(s)) at "
+    print(f"\n{len(trials)} runs ({len(train)} completed; design {args.design} x {args.seeds} seed(s)) at "
           f"{int(args.proxy_tokens):,} tokens in {total:.1f} s (whole study: start-up, store check, summary, fit "
           f"and plots included)")
     print(f"per point: training {statistics.median(train):.2f} s, overhead {statistics.median(over):.2f} s median "

@@ -34,15 +34,12 @@ def main() -> int:
     args = ap.parse_args()
     from sparknet.sweep import main as sweep_main
 
-    code, total, trials = timed_study("sparknet-bench-sweep-", args.proxy_tokens, lambda lab: sweep_main(
+    code, total, trials, train, over = timed_study("sparknet-bench-sweep-", args.proxy_tokens, lambda lab: sweep_main(
         ["--mixture", str(lab / "tiny.yaml"), "--trials", str(args.trials), "--proxy-tokens", args.proxy_tokens,
          "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
     if code:
         return code
-    done = [t for t in trials if "wall_seconds" in t.user_attrs]
-    over = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
-    train = [t.user_attrs["seconds"] for t in done]
-    print(f"\n{len(trials)} trials ({len(done)} completed) at {int(args.proxy_tokens):,} tokens in {total:.1f} s "
+    print(f"\n{len(trials)} trials ({len(train)} completed) at {int(args.proxy_tokens):,} tokens in {total:.1f} s "
           f"(whole sweep, incl. start-up, summary and plots)")
     print(f"per completed trial: training {statistics.median(train):.2f} s, overhead "
           f"{statistics.median(over):.2f} s median (max {max(over):.2f} s)  target <= 5 s: "

@@ -93,11 +93,11 @@ def kill_mid_study(cmd: list[str], env: dict[str, str], cwd: Path, db: Path, tim
     return killed
 
 
-def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[int, float, list]:
+def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[int, float, list, list, list]:
     """For the study benchmarks (scripts/bench_sweep.py, bench_ablate.py): in a temporary lab with the tiny recipe
     (`mixture`: tiny_mixture's overrides), warm the token stores and the BPE once (as a study's first run would),
     then time `cli(lab)`, a study named "bench" on the lab's SQLite storage. Returns (exit code, seconds, the
-    study's trials)."""
+    study's trials, and per completed trial its training seconds and its overhead: wall time minus training)."""
     import tempfile
 
     import optuna
@@ -116,7 +116,10 @@ def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[in
         seconds = time.perf_counter() - t0
         trials = [] if code else optuna.load_study(study_name="bench", storage=f"sqlite:///{lab / 'optuna.db'}").trials
         os.chdir(ROOT)
-    return code, seconds, trials
+    done = [t for t in trials if "wall_seconds" in t.user_attrs]
+    train = [t.user_attrs["seconds"] for t in done]
+    overhead = [t.user_attrs["wall_seconds"] - t.user_attrs["seconds"] for t in done]
+    return code, seconds, trials, train, overhead
 
 
 def descendants(pid: int) -> list[int]:
