@@ -91,7 +91,7 @@ class _RawSource:
         return self.read(int(self.orders[epoch][k]) * self.seq_len, self.seq_len + 1)
 
 
-AUDIT_CHUNK_TOKENS = 1 << 24  # 16M tokens (64 MiB as int32 ids) read at a time: a 1B-token store is never held whole
+AUDIT_CHUNK_TOKENS = 1 << 24  # 16M tokens read at a time (~256 MiB as int64 with its copy): never a whole 1B store
 
 
 def _document_digests(read, total: int, eot: int, chunk: int = AUDIT_CHUNK_TOKENS):

@@ -142,12 +142,14 @@ class Objective:
         if self.kind == WIKITEXT_VALID:
             self._rows(cfg)
 
-    def check_prepared(self, prepared, cfg) -> None:
+    def check_prepared(self, prepared, cfg, *, pruned: bool = False) -> None:
         """Fail now (one line) if a held-out loss the objective needs will not exist once the runs have trained:
         `val` needs every source's, `val/<source>` that source's, and a source's loss exists only when its held-out
         slice (capped at eval.val_tokens) holds at least one window of train.seq_len + 1 tokens. Called with the
-        prepared stores, before any run trains: found after training, it would waste every run of the study."""
-        need = self.sources if self.kind == VAL else (self.source,) if self.kind == "source" else ()
+        prepared stores, before any run trains: found after training, it would waste every run of the study.
+        `pruned`: the study prunes on `intermediate`, which for wikitext-valid is the mean over every source."""
+        need = self.sources if self.kind == VAL or (pruned and self.kind == WIKITEXT_VALID) else \
+            (self.source,) if self.kind == "source" else ()
         seq_len, cap = cfg.train.seq_len, cfg.eval.val_tokens
         for name in need:
             have = len(prepared.stores[name].val())

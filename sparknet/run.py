@@ -255,6 +255,7 @@ def run_lock(run_dir: Path):
         finally:
             fh.seek(0)
             fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)  # explicitly: a forked child holding the descriptor must not keep it
 
 
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,

@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import html
 import inspect
+import io
 import json
 import os
 import re
@@ -528,7 +529,8 @@ def code_without_docstrings(source: str, tree: ast.AST | None = None) -> str:
     duplicate check finds. Lines a docstring filled are dropped, so no hole stands where it was; a body that was
     only a docstring gets `pass`, so the file stays valid Python. `tree`: its parse, if made."""
     tree = tree or ast.parse(source)
-    lines = source.splitlines(keepends=True)
+    # Lines as ast counts them (\n, \r\n, \r only): str.splitlines would also split on \x0c, \x85, \u2028, ...
+    lines = io.StringIO(source, newline="").readlines()
     offsets = [0]
     for line in lines:
         offsets.append(offsets[-1] + len(line))

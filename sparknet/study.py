@@ -681,9 +681,15 @@ class Worker:
             if target is trial:
                 tell(study, trial, value)
             else:
-                number = target.add_to(study, value)
+                with study_lock(self.storage_url, self.study_name):
+                    # Between the end of the run (its folder unlocked) and here, another worker may have taken the
+                    # run again and found it finished: then it is recorded already, and once is enough.
+                    twin = next((t.number for t in complete_trials(study)
+                                 if t.user_attrs.get("run_dir") == str(out.run_dir)), None)
+                    number = target.add_to(study, value) if twin is None else twin
                 print(f"trial {trial.number} was failed as stale by another worker while it trained here: its "
-                      f"result is recorded as trial {number}, a complete copy", flush=True)
+                      f"result is recorded as trial {number}" + (", a complete copy" if twin is None else ""),
+                      flush=True)
         print(f"trial {trial.number} complete: {objective.metric} {value:.4f}", flush=True)
         return "complete"
 

@@ -725,16 +725,15 @@ def main(argv: list[str] | None = None) -> int:
     # it reads must hold a window once prepared (every trial trains on the same stores: prepared here, once).
     first = sweep.trial_config({}, 0)
     objective.check(first)
-    if objective.kind != "wikitext-valid":
-        from sparknet.prepare import prepare
-        from sparknet.run import prepare_lock
+    from sparknet.prepare import prepare
+    from sparknet.run import prepare_lock
 
-        with prepare_lock(lab):
-            prepared = prepare(first, progress=args.progress, write_report=False)
-        try:
-            objective.check_prepared(prepared, first)
-        except SparknetError as exc:
-            raise SparknetError(f"{'--objective' if args.objective else f'{space.path}: objective'}: {exc}") from None
+    with prepare_lock(lab):
+        prepared = prepare(first, progress=args.progress, write_report=False)
+    try:  # the pruner reads every evaluation's objective.intermediate: for wikitext-valid, every source's loss
+        objective.check_prepared(prepared, first, pruned=True)
+    except SparknetError as exc:
+        raise SparknetError(f"{'--objective' if args.objective else f'{space.path}: objective'}: {exc}") from None
     quiet_optuna()
     with interrupt_handlers():
         storage = open_storage(url, args.heartbeat)

@@ -389,6 +389,10 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
              "plan_sha256": prepared.plan.fingerprint(), "eos_token_id": prepared.tokenizer.eot_id,
              "batch_tokens": t.batch_tokens, "world_size": world}
     existing = list_checkpoints(ckpt_root)
+    # Before any collective that depends on the step (DDP's wrap, the compile warm-up): ranks that disagree would
+    # otherwise wait in different collectives.
+    agree_on_resume_point(int(existing[-1].name.split("-")[-1]) if existing else 0,
+                          existing[-1].name if existing else "", run_dir)
     if existing:
         state = load_checkpoint(existing[-1], model, optimizer, device)
         if state["plan_sha256"] != prepared.plan.fingerprint():
@@ -425,8 +429,7 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
               f"{accum} micro-batches x {world} process(es)", flush=True)
 
     step, tokens = state["step"], state["tokens"]
-    agree_on_resume_point(step, existing[-1].name if existing else "", run_dir)
-    start_step = step  # the same on every rank (each read the same checkpoint: checked just above)
+    start_step = step  # the same on every rank (each read the same checkpoint: agree_on_resume_point above)
     # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
     # beyond any budget); read back only when logging, checkpointing and at the end.
     per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=device)

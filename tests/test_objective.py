@@ -74,14 +74,16 @@ def _cfg(seq_len: int, eval_val_tokens: int):
                                               "(eval.val_tokens 63)"),
     ("val", {"docs": 1000, "code": 1000}, 64, None),
     ("wikitext-valid", {"docs": 0, "code": 0}, 0, None),  # scored on WikiText-2, not on the slices
+    ("wikitext-valid+pruned", {"docs": 1000, "code": 3}, 0, "source 'code' has 3 held-out tokens"),  # a sweep prunes
 ])
 def test_held_out_slices_too_short_for_the_objective_fail_before_training(objective, slices, eval_cap, message):
-    o = Objective.parse(objective, SOURCES)
+    name, _, pruned = objective.partition("+")
+    o = Objective.parse(name, SOURCES)
     if message is None:
-        o.check_prepared(_prepared(slices), _cfg(64, eval_cap))
+        o.check_prepared(_prepared(slices), _cfg(64, eval_cap), pruned=bool(pruned))
         return
     with pytest.raises(SparknetError) as e:
-        o.check_prepared(_prepared(slices), _cfg(64, eval_cap))
+        o.check_prepared(_prepared(slices), _cfg(64, eval_cap), pruned=bool(pruned))
     assert message in str(e.value) and "(fix: raise mixture.val_tokens" in str(e.value) and "\n" not in str(e.value)
 
 

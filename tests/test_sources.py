@@ -496,6 +496,9 @@ def test_code_without_docstrings_cuts_exactly_the_docstrings():
         "    pass\n"
         '''x = "a string that is not a docstring"\n''')
     assert code_without_docstrings("x = 1\n") == "x = 1\n"
+    # Line breaks as ast counts them: a form feed (or \x85, \u2028) inside a line must not shift the cut.
+    assert code_without_docstrings('x = 1  # a\x0cb\r\ndef f():\n    """A docstring."""\n    return 1\n') == \
+        "x = 1  # a\x0cb\r\ndef f():\n    return 1\n"
 
 
 def test_pydocs_readmes_are_package_descriptions():
