@@ -212,6 +212,18 @@ def _lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
+def _take_or_holder(fh) -> str:
+    """Take the lock of open file `fh` without waiting: "" when taken, else who holds it (what the holder wrote)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        return fh.read().strip() or "another process"
+    return ""
+
+
 def run_busy(run_dir: Path) -> str:
     """Who holds the run folder's lock ("pid 123 on host since 12:00:00"), or "" when nobody does."""
     import fcntl
@@ -220,13 +232,10 @@ def run_busy(run_dir: Path) -> str:
     if not path.exists():
         return ""
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            return fh.read().strip() or "another process"
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return ""
+        holder = _take_or_holder(fh)
+        if not holder:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return holder
 
 
 @contextlib.contextmanager
@@ -239,11 +248,8 @@ def run_lock(run_dir: Path):
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(run_dir), "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        holder = _take_or_holder(fh)
+        if holder:
             raise RunBusy(f"{run_dir}: in use by {holder}, which is training this config (fix: wait for it to end, "
                           f"or stop it; a second launch of the same config would overwrite its checkpoints)") from None
         fh.seek(0)

@@ -668,8 +668,9 @@ class Worker:
             self._log_to_child(cfg, out.mlflow_run_id, metrics)
         with signals_deferred():
             target = trial
-            if orphaned or study._storage.get_trial(trial._trial_id).state.is_finished():
-                target = _CompleteCopy(study._storage.get_trial(trial._trial_id), curve)
+            now = study._storage.get_trial(trial._trial_id)
+            if orphaned or now.state.is_finished():
+                target = _CompleteCopy(now, curve)
             target.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
             if "wikitext-valid/bpb" in metrics:
                 target.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
