@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparknet.errors import SparknetError
+from sparknet.hub import hub_offline
 
 if TYPE_CHECKING:
     import torch
@@ -250,18 +251,6 @@ def find_local_file(local: str | os.PathLike[str], split: str) -> Path:
                         f"wikitext-2-raw-v1/) ({FIX_HINT})")
 
 
-def _hub_offline() -> bool:
-    flags = [os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", "")]
-    if any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags):
-        return True
-    try:  # the constants were read when huggingface_hub was imported; they may differ from os.environ now
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
 def _load_from_hub(split: str, cache_dir: str | os.PathLike[str] | None) -> list[str]:
     # Offline, `load_dataset` only looks in its cache (a fast failure, < 1 s), so it is still worth a try.
     try:
@@ -271,7 +260,7 @@ def _load_from_hub(split: str, cache_dir: str | os.PathLike[str] | None) -> list
                                    cache_dir=str(cache_dir) if cache_dir is not None else None)
         return list(ds["text"])
     except Exception as exc:
-        if _hub_offline():
+        if hub_offline():
             raise SparknetError(f"WikiText-2 is not reachable offline: no local copy given and the {split} split "
                                 f"is not in the datasets cache ({FIX_HINT})") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -668,7 +657,7 @@ def load_hf_model(name_or_path: str, revision: str = "main", device: Any = "cpu"
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=rev, **kwargs)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = " (HF_HUB_OFFLINE is set: only the local HF cache was searched)" if _hub_offline() else ""
+        where = " (HF_HUB_OFFLINE is set: only the local HF cache was searched)" if hub_offline() else ""
         raise SparknetError(f"model {name_or_path!r} (revision {revision}): cannot load it ({reason}){where} "
                             f"(fix: a local checkpoint folder, or a hub id that is reachable or cached)") from None
     model.eval().to(device)

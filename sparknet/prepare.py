@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers is not None and args.workers < 1:
         raise SparknetError(f"--workers: must be >= 1, got {args.workers}")
-    from sparknet.run import prepare_lock
+    from sparknet.locks import prepare_lock
 
     with prepare_lock(cfg.lab_path):  # a run or study preparing the same lab waits, rather than racing on a tokenizer
         prepared = prepare(cfg, workers=args.workers, progress=not args.quiet)

@@ -23,8 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparknet import atomic
 from sparknet.config import RunConfig, config_from_cli, mixture_cli, to_dict
 from sparknet.errors import SparknetError, cli_main
+from sparknet.locks import RunBusy, prepare_lock, run_busy, run_lock  # noqa: F401  (RunBusy, run_busy: re-exported for studies)
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
 # so e.g. checkpointing more often or moving to another device still resumes the same run.
@@ -155,17 +157,6 @@ def loss_curve_png(run_dir: Path, out: Path, title: str) -> Path | None:
     return out
 
 
-@contextlib.contextmanager
-def prepare_lock(lab: Path):
-    """The lab's preparation lock (an flock: released by the kernel if its holder dies)."""
-    import fcntl
-
-    lab.mkdir(parents=True, exist_ok=True)
-    with open(lab / ".prepare.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def eval_difference(run_dir: Path, cfg: RunConfig) -> str:
     """How `cfg`'s eval settings differ from those the finished run in `run_dir` was evaluated with (its
     config.yaml), as "eval.key: then X, now Y; ..."; "" when they are the same (or unknown). The eval section is
@@ -189,9 +180,7 @@ def _plain(value):
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / ".state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, run_dir / "state.json")
+    atomic.write_json(run_dir / "state.json", state)
 
 
 @dataclass
@@ -200,68 +189,6 @@ class RunOutcome:
     result: dict  # TrainResult.to_dict()
     mlflow_run_id: str | None
     already_done: bool = False
-
-
-class RunBusy(SparknetError):
-    """The run's folder is held by another process training the same config."""
-
-
-def _lock_path(run_dir: Path) -> Path:
-    # Beside the folder, not in it: --fresh deletes the folder, and a lock file deleted while held would let a second
-    # process lock a new file of the same name.
-    return run_dir.parent / f".{run_dir.name}.lock"
-
-
-def _take_or_holder(fh) -> str:
-    """Take the lock of open file `fh` without waiting: "" when taken, else who holds it (what the holder wrote)."""
-    import fcntl
-
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        return fh.read().strip() or "another process"
-    return ""
-
-
-def run_busy(run_dir: Path) -> str:
-    """Who holds the run folder's lock ("pid 123 on host since 12:00:00"), or "" when nobody does."""
-    import fcntl
-
-    path = _lock_path(run_dir)
-    if not path.exists():
-        return ""
-    with open(path, "a+") as fh:
-        holder = _take_or_holder(fh)
-        if not holder:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    return holder
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """The run folder's lock, held by the main process for the whole run (an flock: released by the kernel if the
-    process dies). Two launches of one config, or a study's retry of a trial whose worker is alive but was thought
-    dead, would otherwise train into one folder and overwrite each other's checkpoints: the second one fails."""
-    import fcntl
-    import socket
-
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(run_dir), "a+") as fh:
-        holder = _take_or_holder(fh)
-        if holder:
-            raise RunBusy(f"{run_dir}: in use by {holder}, which is training this config (fix: wait for it to end, "
-                          f"or stop it; a second launch of the same config would overwrite its checkpoints)") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)  # explicitly: a forked child holding the descriptor must not keep it
 
 
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,

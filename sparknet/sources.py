@@ -37,7 +37,6 @@ import os
 import re
 import sys
 import sysconfig
-import threading
 import zlib
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
+from sparknet.hub import hub_unreachable
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".md", ".markdown", ".html", ".htm")
 BLOG_SUFFIXES = (".md", ".markdown", ".html", ".htm", ".txt")
@@ -664,50 +664,6 @@ def check_overlaps(sources: tuple[SourceConfig, ...] | list[SourceConfig]) -> No
 
 HUB_HINT = ("streaming needs the network: prepare once online (the token store is then reused), or point "
             "the source at a local copy (kind: local / a dataset folder)")
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, as set now or as huggingface_hub read them at import."""
-    flags = [os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", "")]
-    if any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags):
-        return True
-    hub = sys.modules.get("huggingface_hub.constants")  # only if imported: it reads the flags at import
-    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
-
-
-def hub_unreachable(timeout_s: float = 3.0) -> str:
-    """"" when the Hugging Face hub answers a TCP connection within `timeout_s`, else why not.
-
-    Why: with the network down and HF_HUB_OFFLINE unset, `datasets` retries for ~25 s before it fails;
-    this says so in `timeout_s`. The connection (name lookup included, which no socket timeout bounds)
-    runs in a thread that is given up on after the timeout. Behind a proxy a direct connection says
-    nothing, so there the probe is skipped ("").
-    """
-    if hub_offline():
-        return "HF_HUB_OFFLINE=1"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return ""
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlparse(endpoint)
-    if not url.hostname:
-        return ""
-    result: list[str] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=timeout_s).close()
-            result.append("")
-        except OSError as exc:
-            result.append(f"{url.hostname} did not answer: {exc.strerror or type(exc).__name__}")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout_s + 0.5)
-    return result[0] if result else f"{url.hostname} did not answer within {timeout_s:g} s"
 
 
 def check_hub_source(src: SourceConfig, timeout_s: float = 3.0) -> None:

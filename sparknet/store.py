@@ -37,12 +37,9 @@ same dataset commit it was created from, so it never mixes two versions of a mov
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import heapq
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -51,8 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sparknet import atomic
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
+from sparknet.locks import store_lock
 from sparknet.sources import HASH_SPACE, VAL_SALT, doc_hash, iter_documents, resolve_hf_commit, source_identity
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec
 
@@ -114,17 +113,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic.write_bytes(path, data, durable=True)
 
 
 class TokenArray:
@@ -312,18 +301,6 @@ def _tokenized_stream(spec: TokenizerSpec, batches: Iterator[list[str]], workers
             yield pending.popleft().get()
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another prepare to finish with {directory} ...", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def _fresh_manifest(src: SourceConfig, tok: Tokenizer, key: str, val_target: int, shard_tokens: int,
                     rule: dict) -> dict:
     return {
@@ -501,7 +478,7 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
     rule = val_rule(src, val_max_fraction, val_stream_rate)
     key = store_key(src, tok, val_tokens, shard_tokens, rule)
     directory = lab / "tokens" / f"{src.kind}-{key}"
-    with _locked(directory):
+    with store_lock(directory):
         for stale in directory.glob(".*.tmp*"):
             stale.unlink()  # a killed writer's partial file; its content was never recorded
         mpath = directory / "manifest.json"

@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 import sparknet.prepare as prep
+from sparknet import hub
 from sparknet.config import SourceConfig, config_from_dict, load_config
 from sparknet.errors import SparknetError
-from sparknet.sources import HUB_HINT, check_overlaps, hub_unreachable
+from sparknet.hub import hub_unreachable
+from sparknet.sources import HUB_HINT, check_overlaps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,8 +227,10 @@ def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
         raise OSError("name lookup timed out")
 
     monkeypatch.setattr(socket, "create_connection", hanging_lookup)
+    monkeypatch.setattr(hub, "_PROBES", {})  # asked once per process: this test asks afresh
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     t0 = time.perf_counter()
-    assert hub_unreachable(0.5) == "huggingface.co did not answer within 0.5 s"
+    assert hub_unreachable(0.5) == "https://huggingface.co did not answer within 0.5 s"
     assert time.perf_counter() - t0 < 2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_unreachable() == "HF_HUB_OFFLINE=1"
