@@ -12,6 +12,7 @@ For each process count, every micro-batch of every process at every step is prod
   derived here from the plan (source, ordinal), the seeded per-epoch slot order and the store's manifest, and
   the bytes are read from the shard files directly (not through the loader's reader);
 - each row's labels take a loss on exactly the planned number of tokens, and its source id is the planned one;
+- every store file it reads matches the sha256 recorded when it was written;
 - realized tokens per source are counted from the yielded batches and must equal the plan (and so the spec);
 - no document of a source's training region that the plan can read is identical to one of its own validation
   documents or another source's (compared as token sequences between end-of-text tokens).
@@ -153,6 +154,13 @@ def audit(prepared, process_counts: tuple[int, ...] = (1,), loader_factory=None)
     sps = t.sequences_per_step
     num_steps = -(-plan.num_sequences // sps)
     report = AuditReport(tuple(process_counts), num_steps, planned=plan.tokens_per_source().tolist())
+    # The audit vouches for the bytes it reads: each file's full sha256 first, so that bytes overwritten after they
+    # were written are not checked against themselves.
+    for name in plan.source_names:
+        st = prepared.stores[name]
+        for file in st.verify():
+            report.fail(f"source {name}: {st.dir / file} does not match its sha256 (fix: run python -m "
+                        f"sparknet.prepare again, which rebuilds it)")
     drawn = plan.sequences_per_source()
     raw = {name: _RawSource(prepared.stores[name], name, int(drawn[i]), plan.seq_len, plan.seed)
            for i, name in enumerate(plan.source_names)}

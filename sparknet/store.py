@@ -39,7 +39,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
+import mmap
+import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,12 +51,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from sparknet import atomic
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
 from sparknet.locks import store_lock
-from sparknet.sources import HASH_SPACE, VAL_SALT, doc_hash, iter_documents, resolve_hf_commit, source_identity
+from sparknet.sources import (
+    HASH_SPACE,
+    VAL_SALT,
+    check_hub_source,
+    doc_hash,
+    is_hub,
+    iter_documents,
+    resolve_hf_commit,
+    source_identity,
+)
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec
 
 # 2: validation slices are hash samples spread over the source (1: the first documents), with an index.
@@ -114,6 +128,22 @@ def _sha256_file(path: Path) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     atomic.write_bytes(path, data, durable=True)
+
+
+def _xxh3_file(path: Path) -> str:
+    """The file's xxh3-64 (hex): the start-up content check. ~10 GB/s from memory, so a 1B-token store (2 GB) costs
+    about a second when cached (sha256, ~1.2 GB/s here, stays in `--verify`)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64_hexdigest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:  # hashed in place: no copy of the file
+            return xxhash.xxh3_64_hexdigest(view)
+
+
+def _file_entry(name: str, data: bytes, arr: np.ndarray) -> dict:
+    """What the manifest promises about one written file: its size, both checksums and its largest token id."""
+    return {"file": name, "tokens": int(len(arr)), "sha256": hashlib.sha256(data).hexdigest(),
+            "xxh3": xxhash.xxh3_64_hexdigest(data), "max_id": int(arr.max()) if len(arr) else -1}
 
 
 class TokenArray:
@@ -195,14 +225,43 @@ class SourceStore:
         """How the validation slice was drawn, in words (for the report)."""
         return describe_val(self.manifest)
 
+    def files(self) -> list[dict]:
+        """The manifest's entries of every token file: the training shards, then val.bin."""
+        return list(self.manifest["train_shards"]) + ([self.manifest["val"]] if self.manifest["val"] else [])
+
+    def damaged(self) -> list[tuple[str, str]]:
+        """(file, what is wrong) for every file that does not hold what the manifest promises: present, of its
+        size, its xxh3 content check, token ids below the tokenizer's vocabulary. Cheap enough for every start
+        (one xxh3 pass over the store); `verify` is the full sha256."""
+        vocab = int(self.manifest["tokenizer"]["vocab_size"])
+        out: list[tuple[str, str]] = []
+        v = self.manifest["val"]
+        extra = [{"file": v["index"], "bytes": None}] if v and v.get("index") else []
+        for e in self.files() + extra:
+            path = self.dir / e["file"]
+            want = e["tokens"] * self.dtype.itemsize if "tokens" in e else None
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                out.append((e["file"], "missing"))
+                continue
+            if want is not None and size != want:
+                out.append((e["file"], f"{size:,} bytes, the manifest says {want:,}"))
+            elif e.get("max_id", -1) >= vocab:
+                out.append((e["file"], f"token id {e['max_id']} is not below the vocabulary size {vocab}"))
+            elif "xxh3" in e and _xxh3_file(path) != e["xxh3"]:
+                out.append((e["file"], "content differs from what was written (xxh3)"))
+            elif e["file"] == (v or {}).get("index") and _sha256_file(path) != v["index_sha256"]:
+                out.append((e["file"], "content differs from what was written (sha256)"))  # a small JSON file
+        return out
+
     def verify(self) -> list[str]:
-        """Files whose checksum does not match the manifest (empty when the store is intact)."""
-        entries = list(self.manifest["train_shards"]) + ([self.manifest["val"]] if self.manifest["val"] else [])
-        files = [(e["file"], e["sha256"]) for e in entries]
+        """Files whose sha256 does not match the manifest (empty when the store is intact)."""
+        files = [(e["file"], e["sha256"]) for e in self.files()]
         v = self.manifest["val"]
         if v and v.get("index"):
             files.append((v["index"], v["index_sha256"]))
-        return [f for f, sha in files if _sha256_file(self.dir / f) != sha]
+        return [f for f, sha in files if not (self.dir / f).is_file() or _sha256_file(self.dir / f) != sha]
 
 
 def describe_val(manifest: dict) -> str:
@@ -471,9 +530,12 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
                    val_tokens: int, shard_tokens: int, workers: int = 1, batch_documents: int = 256,
                    on_tokens: Callable[[int], None] | None = None, val_max_fraction: float = VAL_MAX_FRACTION,
                    val_stream_rate: float = VAL_STREAM_RATE) -> SourceStore:
-    """Make sure the store of `src` holds >= `train_tokens_needed` training tokens (or all there is).
+    """Make sure the store of `src` is intact and holds >= `train_tokens_needed` training tokens (or all there is).
 
-    Returns at once when it already does. `on_tokens(n)` is called as tokens are written (progress).
+    An existing store is checked first (`SourceStore.damaged`): a file that is missing, truncated or overwritten
+    is rebuilt, exactly that file, byte for byte as first written, or the store is refused in one line; nothing
+    trains on a damaged store. Returns at once when the store is intact and big enough. `on_tokens(n)` is called
+    as tokens are written (progress).
     """
     rule = val_rule(src, val_max_fraction, val_stream_rate)
     key = store_key(src, tok, val_tokens, shard_tokens, rule)
@@ -485,100 +547,182 @@ def prepare_source(src: SourceConfig, tok: Tokenizer, lab: Path, *, train_tokens
         manifest = open_store(directory).manifest if mpath.exists() else \
             _fresh_manifest(src, tok, key, val_tokens, shard_tokens, rule)
         manifest["name"] = src.name
+        writer = _Writer(src, tok, directory, manifest, rule, workers, batch_documents)
+        writer.repair()
         val_done = manifest["val"] is not None
         if val_done and (manifest["train_tokens"] >= train_tokens_needed or manifest["exhausted"]):
             return SourceStore(directory, manifest)
-
-        dtype = np.dtype(manifest["dtype"])
-        revision = manifest.get("source_commit")
-
-        def write_tokens(name: str, arr: np.ndarray) -> dict:
-            if len(arr) and not 0 <= int(arr.min()) <= int(arr.max()) <= np.iinfo(dtype).max:
-                # astype would wrap such ids silently: the store would hold other tokens than the text
-                raise SparknetError(
-                    f"tokenizer {tok.spec.name or tok.spec.kind}: token id {int(arr.max())} does not fit the "
-                    f"store's {dtype.name} (vocab_size {tok.vocab_size}) (fix: use a tokenizer whose ids "
-                    f"are below its vocabulary size)")
-            data = arr.astype(dtype).tobytes()
-            _write_atomic(directory / name, data)
-            return {"file": name, "tokens": int(len(arr)), "sha256": hashlib.sha256(data).hexdigest()}
-
-        if manifest["val"] is None:
-            # The validation pass: complete before any training shard, and nothing recorded until it is.
-            if val_tokens == 0:
-                chosen, info = [], {"source_documents": 0, "complete": True}
-            elif rule["kind"] == "hash-rate":
-                chosen, info = _select_stream(src, tok, val_tokens, rule["rate"], revision, on_tokens)
-            else:
-                chosen, info = _select_smallest(src, tok, val_tokens, rule["max_fraction"], workers, revision)
-                if on_tokens and chosen:
-                    on_tokens(sum(len(c[2]) for c in chosen))
-            chosen.sort(key=lambda c: c[0])  # hash order: any prefix is a spread sample too
-            arr = np.concatenate([c[2] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64)
-            entry = write_tokens("val.bin", arr) | {"documents": len(chosen)}
-            if val_tokens:
-                index = json.dumps({"salt": rule["salt"], "hashes": [f"{c[0]:016x}" for c in chosen],
-                                    "items": [c[1] for c in chosen]}).encode()
-                _write_atomic(directory / "val-index.json", index)
-                entry |= {"index": "val-index.json", "index_sha256": hashlib.sha256(index).hexdigest()}
-            manifest["val"] = entry | info
-            manifest["documents"] += len(chosen)
-            _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
+        if not val_done:
+            writer.write_val(val_tokens, on_tokens)
             if manifest["train_tokens"] >= train_tokens_needed:
                 return SourceStore(directory, manifest)
+        writer.extend(train_tokens_needed, shard_tokens, on_tokens)
+        return SourceStore(directory, manifest)
 
-        index = SourceStore(directory, manifest).val_index()
-        val_items = set(index["items"])
-        val_hashes = {int(h, 16) for h in index["hashes"]}
-        buf: list[np.ndarray] = []
-        buf_tokens = buf_docs = buf_items = buf_dups = 0
 
-        def flush() -> None:
-            nonlocal buf, buf_tokens, buf_docs, buf_items, buf_dups
-            arr = np.concatenate(buf) if buf else np.zeros(0, dtype=np.int64)
-            entry = write_tokens(f"train-{len(manifest['train_shards']):05d}.bin", arr)
-            manifest["train_shards"].append(entry | {"documents": buf_docs})
-            manifest["train_tokens"] += int(len(arr))
-            manifest["items_consumed"] += buf_items
-            manifest["documents"] += buf_docs
-            manifest["val_duplicates_dropped"] += buf_dups
-            _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
-            buf, buf_tokens, buf_docs, buf_items, buf_dups = [], 0, 0, 0, 0
+class _Writer:
+    """The write side of one store, under its lock: the validation pass, training shards, and repairs."""
 
-        # .get: stores made before commits were recorded have no such key; they extend as they always did.
-        docs = iter_documents(src, start=manifest["items_consumed"], revision=revision)
-        salt = rule["salt"] if val_hashes else None  # nothing held out: no need to hash
-        done = False
-        for flat, lengths, hashes in _tokenized_stream(tok.spec, _batched(docs, batch_documents), workers, salt):
+    def __init__(self, src: SourceConfig, tok: Tokenizer, directory: Path, manifest: dict, rule: dict, workers: int,
+                 batch_documents: int):
+        self.src, self.tok, self.dir, self.manifest, self.rule = src, tok, directory, manifest, rule
+        self.workers, self.batch_documents = workers, batch_documents
+        self.dtype = np.dtype(manifest["dtype"])
+        self.revision = manifest.get("source_commit")  # extensions and repairs read the commit the store began at
+
+    def save_manifest(self) -> None:
+        _write_atomic(self.dir / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+
+    def encode(self, name: str, arr: np.ndarray) -> tuple[bytes, dict]:
+        if len(arr) and not 0 <= int(arr.min()) <= int(arr.max()) <= np.iinfo(self.dtype).max:
+            # astype would wrap such ids silently: the store would hold other tokens than the text
+            raise SparknetError(
+                f"tokenizer {self.tok.spec.name or self.tok.spec.kind}: token id {int(arr.max())} does not fit the "
+                f"store's {self.dtype.name} (vocab_size {self.tok.vocab_size}) (fix: use a tokenizer whose ids "
+                f"are below its vocabulary size)")
+        data = arr.astype(self.dtype).tobytes()
+        return data, _file_entry(name, data, arr)
+
+    def write(self, name: str, arr: np.ndarray) -> dict:
+        data, entry = self.encode(name, arr)
+        _write_atomic(self.dir / name, data)
+        return entry
+
+    # -- the validation pass
+
+    def select_val(self, val_tokens: int, on_tokens=None) -> tuple[np.ndarray, bytes | None, dict]:
+        """The validation slice's tokens (hash order), its index file's bytes (None without a slice) and facts."""
+        if val_tokens == 0:
+            chosen, info = [], {"source_documents": 0, "complete": True}
+        elif self.rule["kind"] == "hash-rate":
+            chosen, info = _select_stream(self.src, self.tok, val_tokens, self.rule["rate"], self.revision, on_tokens)
+        else:
+            chosen, info = _select_smallest(self.src, self.tok, val_tokens, self.rule["max_fraction"], self.workers,
+                                            self.revision)
+            if on_tokens and chosen:
+                on_tokens(sum(len(c[2]) for c in chosen))
+        chosen.sort(key=lambda c: c[0])  # hash order: any prefix is a spread sample too
+        arr = np.concatenate([c[2] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64)
+        index = json.dumps({"salt": self.rule["salt"], "hashes": [f"{c[0]:016x}" for c in chosen],
+                            "items": [c[1] for c in chosen]}).encode() if val_tokens else None
+        return arr, index, info | {"documents": len(chosen)}
+
+    def write_val(self, val_tokens: int, on_tokens) -> None:
+        """Complete before any training shard, and nothing recorded until it is."""
+        arr, index, info = self.select_val(val_tokens, on_tokens)
+        entry = self.write("val.bin", arr)
+        if index is not None:
+            _write_atomic(self.dir / "val-index.json", index)
+            entry |= {"index": "val-index.json", "index_sha256": hashlib.sha256(index).hexdigest()}
+        self.manifest["val"] = entry | info
+        self.manifest["documents"] += info["documents"]
+        self.save_manifest()
+
+    # -- training shards
+
+    def held_out(self) -> tuple[set[int], set[int], str | None]:
+        index = SourceStore(self.dir, self.manifest).val_index()
+        hashes = {int(h, 16) for h in index["hashes"]}
+        return set(index["items"]), hashes, (self.rule["salt"] if hashes else None)  # nothing held out: no hashing
+
+    def documents(self, start: int) -> Iterator[tuple[int, np.ndarray | None, bool]]:
+        """(item, tokens, is_copy) of every item from `start` on, in source order: tokens None for an empty item or
+        a validation document; is_copy when its text is a validation document's (dropped, counted)."""
+        val_items, val_hashes, salt = self.held_out()
+        docs = iter_documents(self.src, start=start, revision=self.revision)
+        item = start
+        for flat, lengths, hashes in _tokenized_stream(self.tok.spec, _batched(docs, self.batch_documents),
+                                                       self.workers, salt):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for i, n in enumerate(lengths):
-                item = manifest["items_consumed"] + buf_items
-                buf_items += 1
-                if n == 0:
-                    continue
-                if item in val_items:
-                    continue  # the validation document itself
-                if hashes is not None and int(hashes[i]) in val_hashes:
-                    buf_dups += 1  # the same text as a validation document: training on it would leak
-                    continue
-                buf.append(flat[offsets[i]:offsets[i + 1]])
-                buf_tokens += int(n)
-                buf_docs += 1
-                if on_tokens:
-                    on_tokens(int(n))
-                if buf_tokens >= shard_tokens or manifest["train_tokens"] + buf_tokens >= train_tokens_needed:
-                    flush()
-                if manifest["train_tokens"] >= train_tokens_needed:
-                    done = True
-                    break
-            if done:
-                break
-        if not done:
-            # The source ran out: keep what is left, and remember there is no more.
-            if buf:
+                copy = bool(n > 0 and item not in val_items and hashes is not None and int(hashes[i]) in val_hashes)
+                keep = bool(n > 0 and item not in val_items) and not copy
+                yield item, flat[offsets[i]:offsets[i + 1]] if keep else None, copy
+                item += 1
+
+    def extend(self, train_tokens_needed: int, shard_tokens: int, on_tokens) -> None:
+        """Append shards until the store holds train_tokens_needed training tokens, or the source ends. Each shard
+        records the items it consumed, so that a damaged one can be rebuilt alone."""
+        m = self.manifest
+        buf: list[np.ndarray] = []
+        tokens = docs = items = dups = 0
+        start = m["items_consumed"]
+
+        def flush() -> None:
+            nonlocal buf, tokens, docs, items, dups, start
+            arr = np.concatenate(buf) if buf else np.zeros(0, dtype=np.int64)
+            entry = self.write(f"train-{len(m['train_shards']):05d}.bin", arr)
+            m["train_shards"].append(entry | {"documents": docs, "items_start": start, "items": items, "dups": dups})
+            m["train_tokens"] += int(len(arr))
+            m["items_consumed"] += items
+            m["documents"] += docs
+            m["val_duplicates_dropped"] += dups
+            self.save_manifest()
+            start += items
+            buf, tokens, docs, items, dups = [], 0, 0, 0, 0
+
+        for _, arr, copy in self.documents(m["items_consumed"]):
+            items += 1
+            dups += copy  # the same text as a validation document: training on it would leak
+            if arr is None:
+                continue
+            buf.append(arr)
+            tokens += len(arr)
+            docs += 1
+            if on_tokens:
+                on_tokens(len(arr))
+            if tokens >= shard_tokens or m["train_tokens"] + tokens >= train_tokens_needed:
                 flush()
-            manifest["items_consumed"] += buf_items
-            manifest["val_duplicates_dropped"] += buf_dups
-            manifest["exhausted"] = True
-            _write_atomic(mpath, json.dumps(manifest, indent=1).encode())
-        return SourceStore(directory, manifest)
+            if m["train_tokens"] >= train_tokens_needed:
+                return
+        # The source ran out: keep what is left, and remember there is no more.
+        if buf:
+            flush()
+        m["items_consumed"] += items
+        m["val_duplicates_dropped"] += dups
+        m["exhausted"] = True
+        self.save_manifest()
+
+    # -- repairs
+
+    def repair(self) -> None:
+        """Rebuild exactly the files that fail their check, byte for byte as first written (their sha256 must
+        match again), or refuse in one line: the store is never used half-damaged."""
+        if self.manifest["val"] is None:
+            return
+        store = SourceStore(self.dir, self.manifest)
+        bad = dict(store.damaged())
+        if not bad:
+            return
+        where = f"{self.dir}: {', '.join(f'{f} ({why})' for f, why in bad.items())}"
+        fix = f"(fix: delete {self.dir} and run prepare again)"
+        if is_hub(self.src):
+            check_hub_source(self.src)  # offline: one line in seconds, not a stream that retries
+        v = self.manifest["val"]
+        if "val.bin" in bad or v.get("index") in bad:
+            arr, index, _ = self.select_val(int(self.manifest["val_target_tokens"]))
+            data, entry = self.encode("val.bin", arr)
+            if entry["sha256"] != v["sha256"] or (index and hashlib.sha256(index).hexdigest() != v["index_sha256"]):
+                raise SparknetError(f"{where}: cannot be rebuilt as it was (the source now reads differently) {fix}")
+            _write_atomic(self.dir / "val.bin", data)
+            if index is not None:
+                _write_atomic(self.dir / v["index"], index)
+        for shard in self.manifest["train_shards"]:
+            if shard["file"] in bad:
+                self.rebuild_shard(shard, where, fix)
+        still = store.damaged()
+        if still:
+            raise SparknetError(f"{self.dir}: {still[0][0]} ({still[0][1]}) after a rebuild {fix}")
+        print(f"repaired {where}: rebuilt from the source, identical to what was first written", file=sys.stderr,
+              flush=True)
+
+    def rebuild_shard(self, shard: dict, where: str, fix: str) -> None:
+        if "items_start" not in shard:
+            raise SparknetError(f"{where}: the store predates per-shard item records, so a shard cannot be rebuilt "
+                                f"alone {fix}")
+        parts = [arr for _, arr, _ in itertools.islice(self.documents(shard["items_start"]), shard["items"])
+                 if arr is not None]
+        data, entry = self.encode(shard["file"], np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        if entry["sha256"] != shard["sha256"]:
+            raise SparknetError(f"{where}: cannot be rebuilt as it was (the source now reads differently) {fix}")
+        _write_atomic(self.dir / shard["file"], data)

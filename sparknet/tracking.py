@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparknet import atomic
 from sparknet.errors import SparknetError
 
 RETRY_S = 30.0
@@ -178,7 +179,7 @@ class Tracker(NullTracker):
         if offset is None and not self.pending_tags and not self.pending_artifacts and status is None:
             path.unlink(missing_ok=True)
         else:
-            _write_json_atomic(path, {
+            atomic.write_json(path, {
                 "uri": self.uri, "run_id": self.run_id, "experiment": self.experiment, "metrics_offset": offset,
                 "tags": self.pending_tags, "artifacts": [list(k) for k in self.pending_artifacts],
                 "status": status, "end_time_ms": self.end_time_ms, "written": time.time()})
@@ -318,12 +319,6 @@ class Tracker(NullTracker):
                   f"{len(self.pending_tags)} tags, {len(self.pending_artifacts)} files; all in {self.run_dir}) is "
                   f"sent, with its status {status}, by the next `python -m sparknet.run` of this config or "
                   f"`python -m sparknet.compare`", file=sys.stderr, flush=True)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of it
 
 
 def read_pending(run_dir: Path) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,48 @@ os.environ["COLUMNS"] = "120"
 # thread each, this checkout's sparknet first.
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: whatever a command writes relative to the working directory
+    (experiments/<study>/, lab/, mlflow.db) lands there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+# Paths the test run itself may create inside the checkout: caches of the interpreter and of pytest/hypothesis.
+_RUN_CACHES = ("__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache")
+
+
+def _checkout_state() -> set[str] | None:
+    """`git status --porcelain --ignored` of the checkout (tracked changes, untracked and ignored entries), less the
+    run's own caches; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line for line in out.stdout.splitlines() if not any(c in line for c in _RUN_CACHES)}
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller only, not each pytest-xdist worker
+        session.config._checkout_before = _checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    after = _checkout_state() or set()
+    changed = sorted(after - before)
+    if changed:
+        # Tests write only under temporary folders: a test that wrote into the checkout fails the whole run.
+        print("\nthe test run changed the checkout (tests must write only under temporary folders):\n  "
+              + "\n  ".join(changed))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
