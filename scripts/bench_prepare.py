@@ -132,7 +132,7 @@ def link_folder(files: list[Path], folder: Path) -> Path:
 
 def run_sparknet(folder: Path, lab: Path, tok: Tokenizer, workers: int) -> tuple[Result, Path]:
     from sparknet.config import SourceConfig
-    from sparknet.store import prepare_source
+    from sparknet.store_write import prepare_source
 
     src = SourceConfig(name="bench", kind="local", path=str(folder), weight=1.0, text_field="text")
     t0, c0 = time.perf_counter(), time.process_time()

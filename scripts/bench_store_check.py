@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from sparknet.config import parse_tokens
-from sparknet.store import SourceStore, _file_entry
+from sparknet.store import SourceStore
+from sparknet.store_write import _file_entry
 
 SHARD_TOKENS = 64 * 2**20  # 128 MiB shards
 

@@ -7,6 +7,7 @@ and exits with status 2 instead of a traceback. Programming errors still raise n
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -42,6 +43,24 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with sparknet's errors: a mistake on the command line is one line naming the argument and the fix
+    (exit 2 through `cli_main`), not a usage block. `--help` prints the usage as usual."""
+
+    def error(self, message: str):
+        fix = f"see {self.prog} --help"
+        if "unrecognized arguments" in message:
+            fix = f"drop them, or see {self.prog} --help for the flags; config keys go as key.sub=value"
+        elif "expected one argument" in message:
+            fix = f"give it a value, e.g. {message.split()[1].rstrip(':')}=VALUE" if message.startswith("argument") \
+                else fix
+        elif "invalid int value" in message or "invalid float value" in message:
+            fix = f"give a number, e.g. {message.split()[1].rstrip(':')}=2"
+        elif "invalid choice" in message:
+            fix = "use one of the choices listed"
+        raise SparknetError(f"{self.prog}: {message} (fix: {fix})")
 
 
 class RunFailed(SparknetError):

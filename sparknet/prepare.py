@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -37,14 +38,8 @@ from sparknet.sources import (
     iter_documents,
     source_identity,
 )
-from sparknet.store import (
-    SourceStore,
-    _write_atomic,
-    prepare_source,
-    store_complete,
-    val_excluder,
-    val_rule,
-)
+from sparknet.store import SourceStore, store_complete, val_rule
+from sparknet.store_write import _write_atomic, prepare_source, val_excluder
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec, train_bpe
 
 
@@ -156,6 +151,18 @@ def resolve_tokenizer(cfg: RunConfig, workers: int) -> Tokenizer:
     return from_spec(TokenizerSpec("hf", str(out.resolve()), "main"))
 
 
+def check_lab(lab: Path) -> None:
+    """lab_dir is a folder this process can write (or can create): one line naming it and the fix otherwise, before
+    anything is read or written."""
+    if lab.exists() and not lab.is_dir():
+        raise SparknetError(f"lab_dir: {lab} is a file, not a folder (fix: lab_dir=PATH of a folder, or move the file "
+                            f"away)")
+    existing = next(p for p in (lab, *lab.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SparknetError(f"lab_dir: {existing} is not writable, so {lab} cannot hold the lab (fix: lab_dir=PATH "
+                            f"of a folder you can write, or change its permissions)")
+
+
 def preflight(cfg: RunConfig, plan: Plan) -> None:
     """Everything about the sources that can be checked without tokenizing, for all of them first.
 
@@ -165,6 +172,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
     one end-of-text per file) bound its tokens from above. Hub reachability comes later: it depends on
     whether the stores still need tokens.
     """
+    check_lab(cfg.lab_path)
     seq_len = cfg.train.seq_len
     byte_level = cfg.tokenizer.name in ("gpt2", "bpe")
     seq_per_source = plan.sequences_per_source()
@@ -331,7 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     if args.workers is not None and args.workers < 1:
-        raise SparknetError(f"--workers: must be >= 1, got {args.workers}")
+        raise SparknetError(f"--workers: must be >= 1, got {args.workers} (fix: --workers 1, or leave it out for "
+                            f"all cores)")
+    # Checked before anything is prepared: a typo must not cost a tokenization first.
+    try:
+        counts = tuple(int(x) for x in args.audit_processes.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise SparknetError(f"--audit-processes: expected process counts >= 1 such as 1,8, got "
+                            f"{args.audit_processes!r} (fix: --audit-processes 1,2)")
     from sparknet.locks import prepare_lock
 
     with prepare_lock(cfg.lab_path):  # a run or study preparing the same lab waits, rather than racing on a tokenizer
@@ -348,12 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit:
         from sparknet.audit import audit, format_audit
 
-        try:
-            counts = tuple(int(x) for x in args.audit_processes.split(","))
-        except ValueError:
-            counts = ()
-        if not counts or min(counts) < 1:
-            raise SparknetError(f"--audit-processes: expected process counts such as 1,8, got {args.audit_processes!r}")
         report = audit(prepared, counts)
         print(format_audit(report, prepared.plan.source_names))
         if not report.ok:

@@ -18,6 +18,7 @@ point elsewhere, e.g. the shared server started by `lab/mlflow_server.sh`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -477,6 +478,54 @@ def check_store(uri: str) -> None:
             raise SparknetError(f"MLflow store {path} does not exist (fix: train a run first, e.g. python -m "
                                 f"sparknet.run mixtures/quickstart.yaml, or pass --tracking-uri / set "
                                 f"MLFLOW_TRACKING_URI to the store the runs are in)")
+
+
+# The stores MLflow can write runs to (its SQLAlchemy databases, a tracking server, a local folder, Databricks).
+_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+
+
+def check_target(uri: str, *, where: str = "tracking.uri", lab: Path | None = None) -> None:
+    """Before a run starts: the tracking store can take it. An unknown scheme, a SQLite file that is not a database
+    (or whose folder does not exist: a typo must not create a new store somewhere), or a file store path that is a
+    file are one-line errors naming `where` and the fix; nothing is created here. A server is not contacted (a run
+    whose server is down keeps a backlog and sends it later)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if not scheme:
+        fix = f"sqlite:///{uri}" if uri.endswith(".db") else f"file://{Path(uri).absolute()}"
+        raise SparknetError(f"{where}: {uri!r} is a path, not a store URI (fix: {fix})")
+    if scheme not in _SCHEMES:
+        raise SparknetError(f"{where}: {uri!r} is not a tracking store MLflow knows (fix: sqlite:///lab/mlflow.db, "
+                            f"http://HOST:5000 for a server, or leave it empty for the lab's own store)")
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is None or not str(path):
+            raise SparknetError(f"{where}: {uri!r} names no file (fix: sqlite:////absolute/path/mlflow.db)")
+        made_by_the_run = lab is not None and path.parent.absolute() == lab.absolute()  # the lab's own store
+        if not path.parent.is_dir() and not made_by_the_run:
+            raise SparknetError(f"{where}: the folder of {path} does not exist (fix: create it, or correct the path; "
+                                f"a new store is not made in a folder that is not there)")
+        if path.exists():
+            _check_sqlite(path, where)
+    elif scheme == "file":
+        path = Path(uri.removeprefix("file://"))
+        if path.exists() and not path.is_dir():
+            raise SparknetError(f"{where}: {path} is a file, not a folder for runs (fix: point it at a folder)")
+
+
+def _check_sqlite(path: Path, where: str) -> None:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return  # another process is writing: in use, so a database
+        raise SparknetError(f"{where}: {path} cannot be read as a database ({exc}) (fix: check its permissions, or "
+                            f"move it away to start a new store)") from None
+    except sqlite3.DatabaseError as exc:
+        raise SparknetError(f"{where}: {path} is not an MLflow database ({exc}) (fix: move it away and the next run "
+                            f"starts a new store, or point tracking.uri at the right file)") from None
 
 
 def _experiment_ids(client: Any, uri: str) -> dict[str, str]:

@@ -198,8 +198,8 @@ def test_cli_builds_the_table_from_mlflow_with_gaps_reported_rows_files_and_a_co
 
 
 def test_evaluate_fills_gaps_logs_them_back_and_the_baseline_cache_prevents_a_second_evaluation(store, monkeypatch):
-    from sparknet import compare as compare_module
     from sparknet import evaluate
+    from sparknet.compare import scoring
 
     first = compare(opts(store, evaluate=True, log=False), log=lambda msg: None)
     rows = rows_by_model(first.frame)
@@ -246,7 +246,7 @@ def test_evaluate_fills_gaps_logs_them_back_and_the_baseline_cache_prevents_a_se
     def fail(*args, **kwargs):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(compare_module, "_score", fail)
+    monkeypatch.setattr(scoring, "score", fail)
     monkeypatch.setattr(evaluate, "load_hf_model", fail)
     second = compare(opts(store, evaluate=True, log=False, out=store.lab.parent / "again"), log=lambda msg: None)
     columns = [c for c in first.frame.columns if c.endswith((" loss", " ppl", " bpb"))]
@@ -464,6 +464,23 @@ def test_the_eval_dtype_is_in_every_row_and_off_policy_scores_are_flagged(store)
     assert "not re-scored in float32: the run recorded no final model" in again.loc[gpu, "note"]
 
 
+def test_a_new_kind_of_column_plugs_in_as_one_more_row_source():
+    from sparknet.compare import ROW_SOURCES, RowContext, build_rows, comparison_frame, to_markdown
+
+    class Accuracy:  # what a downstream-task source would be: values for the rows already built
+        def add(self, rows, ctx):
+            for r in rows:
+                r.columns["hellaswag acc"] = 0.25
+
+    ctx = RowContext(CompareOptions(baselines=()), uri="", protocols=["hf-strided-512"])
+    frame = comparison_frame(build_rows(ctx, (*ROW_SOURCES, Accuracy())), ctx.protocols)
+    assert list(frame["model"]) == ["GPT-2 small"] and list(frame["hellaswag acc"]) == [0.25]
+    columns = list(frame.columns)
+    assert columns.index("val loss") < columns.index("hellaswag acc") < columns.index("eval dtype")
+    assert "| 0.2500 |" in to_markdown(frame)
+    assert "hellaswag acc" not in comparison_frame(build_rows(ctx), ctx.protocols)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Baseline cache keys: the resolved commit and the dtype
 # --------------------------------------------------------------------------------------------------------
@@ -473,8 +490,7 @@ def test_baseline_cache_keys_hold_the_resolved_commit_not_main_and_the_dtype(sto
     """A hub id whose "main" moves to another commit is scored again; each commit's numbers stay cached."""
     from huggingface_hub import constants
 
-    from sparknet import compare as compare_module
-    from sparknet.compare import cache_key
+    from sparknet.compare import cache_key, scoring
     from sparknet.config import ModelConfig
     from sparknet.evaluate import rows_sha256
     from sparknet.model import build_model, export_hf
@@ -493,8 +509,8 @@ def test_baseline_cache_keys_hold_the_resolved_commit_not_main_and_the_dtype(sto
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     scored = []
-    real_score = compare_module._score
-    monkeypatch.setattr(compare_module, "_score", lambda *a, **k: scored.append(a[2]) or real_score(*a, **k))
+    real_score = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda *a, **k: scored.append(a[2]) or real_score(*a, **k))
 
     def table(spec: str, evaluate: bool, name: str):
         # Only the run scored under hf-strided-64: --evaluate then scores baselines only.
@@ -575,7 +591,9 @@ def test_hub_check_gives_up_within_five_seconds_on_a_silent_server(subprocess_en
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        env = dict(subprocess_env, HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        # No HF_HUB_OFFLINE: with it set the answer is "HF_HUB_OFFLINE=1" at once, without a probe.
+        env = {k: v for k, v in subprocess_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "sparknet.compare", "--check-hub"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)

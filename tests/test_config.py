@@ -171,8 +171,16 @@ def test_budgets_that_cannot_be_met(tmp_path):
     assert "train.seq_len: 4096 exceeds the model's context 1024" in error_of(p, ["train.seq_len=4096", "train.micro_batch_size=6"])
     stages = [{"start_fraction": 0.0, "weights": {"a": 1}}, {"start_fraction": 0.9999, "weights": {"b": 1}}]
     srcs = [{"name": n, "kind": "hf", "path": n} for n in "ab"]
-    data = {"mixture": {"total_tokens": 4096, "sources": srcs, "stages": stages}, "train": {"seq_len": 1024}}
+    data = {"mixture": {"total_tokens": 4096, "sources": srcs, "stages": stages},
+            "train": {"seq_len": 1024, "batch_tokens": 4096, "micro_batch_size": 4}}
     assert "stages[1].start_fraction" in error_of(write(tmp_path, data))
+    # A global batch bigger than the whole budget: not one step. Said at once, with the largest batch that fits,
+    # also for a count so large that listing its divisors by walking every integer below it would hang.
+    with pytest.raises(SparknetError) as exc:
+        load_config(write(tmp_path, BASE), ["train.batch_tokens=1e12", "train.micro_batch_size=10"]).check_trainable()
+    big = str(exc.value)
+    assert "train.batch_tokens: 1,000,000,000,000 tokens per optimizer step exceed the whole budget" in big
+    assert "fix: lower train.batch_tokens to at most" in big and "\n" not in big
 
 
 def test_starved_source_is_a_budget_error(tmp_path):
@@ -181,7 +189,7 @@ def test_starved_source_is_a_budget_error(tmp_path):
 
     srcs = [{"name": "big", "kind": "hf", "path": "x", "weight": 0.999},
             {"name": "tiny", "kind": "hf", "path": "y", "weight": 0.001}]
-    cfg = load(write(tmp_path, {"mixture": {"total_tokens": 10 * 1024, "sources": srcs}}))
+    cfg = load(write(tmp_path, {"mixture": {"total_tokens": 10 * 1024, "sources": srcs}, "train": {"batch_tokens": 2048, "micro_batch_size": 2}}))
     with pytest.raises(SparknetError, match=r"mixture.total_tokens: .* give source\(s\) tiny no sequence"):
         build_plan(cfg.mixture, 1024)
 

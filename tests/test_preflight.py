@@ -239,7 +239,7 @@ def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
 def test_a_finished_hub_store_needs_no_network(tmp_path, monkeypatch):
     import datasets
 
-    import sparknet.store as store
+    import sparknet.store_write as store
 
     rows = [f"Row {i} of the hub dataset, " + "with words " * (i % 9 + 3) for i in range(600)]
     monkeypatch.setattr(datasets, "load_dataset",

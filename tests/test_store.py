@@ -17,7 +17,8 @@ import pytest
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
 from sparknet.sources import doc_hash
-from sparknet.store import open_store, prepare_source
+from sparknet.store import open_store
+from sparknet.store_write import prepare_source
 from sparknet.tokenizer import TiktokenGPT2
 
 TOK = TiktokenGPT2()
@@ -127,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     from sparknet.config import SourceConfig
-    from sparknet.store import prepare_source
+    from sparknet.store_write import prepare_source
     from sparknet.tokenizer import TiktokenGPT2
     src = SourceConfig(name="code", kind="pydocs", part="code", weight=1.0)
     prepare_source(src, TiktokenGPT2(), Path(sys.argv[1]), train_tokens_needed=1_500_000, val_tokens=5000,
@@ -178,7 +179,7 @@ def test_sigkill_mid_prepare_then_resume_is_byte_identical(tmp_path):
 
 
 def test_token_ids_that_do_not_fit_the_dtype_are_an_error_not_wrapped(tmp_path, write_jsonl, monkeypatch):
-    import sparknet.store as store
+    import sparknet.store_write as store
 
     monkeypatch.setattr(store, "_dtype_for", lambda vocab_size: np.dtype(np.uint8))  # GPT-2 ids need 16 bits
     path = write_jsonl("docs.jsonl", DOCS[:20])
@@ -202,7 +203,7 @@ def fake_hub(monkeypatch):
     """
     import datasets
 
-    import sparknet.store as store
+    import sparknet.store_write as store
 
     hub = {"head": SHA_A, "loaded": []}
 

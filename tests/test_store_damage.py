@@ -14,7 +14,8 @@ import pytest
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
-from sparknet.store import open_store, prepare_source
+from sparknet.store import open_store
+from sparknet.store_write import prepare_source
 from sparknet.tokenizer import TiktokenGPT2
 
 TOK = TiktokenGPT2()
@@ -79,7 +80,7 @@ def test_the_validation_index_is_checked_and_rebuilt(tmp_path, write_jsonl):
 
 
 def test_a_store_whose_source_changed_is_refused_not_rebuilt_differently(tmp_path, write_jsonl, monkeypatch):
-    import sparknet.store as store
+    import sparknet.store_write as store
 
     path = write_jsonl("docs.jsonl", DOCS)
     st = _prepare(path, tmp_path / "lab")

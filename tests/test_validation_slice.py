@@ -12,7 +12,7 @@ import pytest
 
 from sparknet.config import SourceConfig, config_from_dict
 from sparknet.sources import doc_hash, iter_documents, normalize_text
-from sparknet.store import prepare_source, val_excluder
+from sparknet.store_write import prepare_source, val_excluder
 from sparknet.tokenizer import TiktokenGPT2
 
 TOK = TiktokenGPT2()
@@ -113,7 +113,7 @@ def test_a_tiny_source_keeps_most_of_itself_for_training(tmp_path):
 def test_hub_val_is_a_fixed_rate_sample_of_the_stream(tmp_path, monkeypatch):
     import datasets
 
-    import sparknet.store as store
+    import sparknet.store_write as store
 
     docs = topic_docs("news", 300) + topic_docs("legal", 300)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": docs})

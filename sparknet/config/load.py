@@ -76,30 +76,31 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
         if words and isinstance(value, str) and value.strip() in words:
             return value.strip()
         if words and isinstance(value, str) and not re.fullmatch(r"[+-]?\d[\d_]*", value.strip()):
-            at.fail(key, f"must be a whole number or {' / '.join(map(repr, words))}, got {value!r}")
+            at.fail(key, f"must be a whole number or {' / '.join(map(repr, words))}, got {value!r}",
+                    f"write an integer such as 8, or {words[0]}")
         return _coerce(inner[0], value, at, key, meta)
     if origin is Literal:
         if isinstance(value, bool) and {"on", "off"} <= set(args):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (train.compile=off) as a boolean
         if value not in args:
-            at.fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+            at.fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}", "use one of those")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            at.fail(key, f"must be a mapping, got {type(value).__name__}")
+            at.fail(key, f"must be a mapping, got {type(value).__name__}", "write `key: value` lines indented under it")
         return _build(tp, value, at.child(key))
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            at.fail(key, f"must be a list, got {type(value).__name__}")
+            at.fail(key, f"must be a list, got {type(value).__name__}", "write a YAML list, one `- item` per line")
         return tuple(_coerce(args[0], v, at, f"{key}[{i}]", meta) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            at.fail(key, f"must be a mapping, got {type(value).__name__}")
+            at.fail(key, f"must be a mapping, got {type(value).__name__}", "write `key: value` lines indented under it")
         return {str(k): _coerce(args[1], v, at, f"{key}.{k}", meta) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        at.fail(key, f"must be true or false, got {value!r}")
+        at.fail(key, f"must be true or false, got {value!r}", "write true or false")
     if tp is int:
         try:
             if meta.get("tokens"):
@@ -110,7 +111,7 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
                 return int(value.replace("_", ""))
         except ValueError as exc:
             at.fail(key, str(exc), "use a whole number such as 50M or 1_000_000")
-        at.fail(key, f"must be a whole number, got {value!r}")
+        at.fail(key, f"must be a whole number, got {value!r}", "write an integer such as 8")
     if tp is float:
         x = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -121,7 +122,7 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
             except ValueError:
                 pass
         if x is None:
-            at.fail(key, f"must be a number, got {value!r}")
+            at.fail(key, f"must be a number, got {value!r}", "write a number such as 3e-4")
         # No field means anything by nan or inf; nan would slip past every `<` check in validate.
         if not math.isfinite(x):
             at.fail(key, f"must be a finite number, got {value!r}", "use an ordinary number")
@@ -131,7 +132,7 @@ def _coerce(tp: Any, value: Any, at: _At, key: str, meta: dict) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        at.fail(key, f"must be a string, got {value!r}")
+        at.fail(key, f"must be a string, got {value!r}", "quote it: \"...\"")
     raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user error
 
 
@@ -262,6 +263,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read a mixture YAML, apply `key.sub=value` overrides, and return the validated tree."""
     file = str(path)
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(file, "", "is a folder, not a mixture file (fix: pass one of its YAML files, such as "
+                          "mixtures/quickstart.yaml)")
     if not p.is_file():
         raise ConfigError(file, "", "file not found (fix: pass a path such as mixtures/quickstart.yaml)")
     raw = read_yaml(p)
@@ -323,9 +327,9 @@ def mixture_cli(prog: str, description: str, override_example: str):
     """The argument parser every `python -m sparknet.X MIXTURE.yaml [key=value ...]` command starts from:
     the mixture, the overrides and --help-config. The command adds its own flags, then calls
     `config_from_cli`."""
-    import argparse
+    from sparknet.errors import ArgumentParser
 
-    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap = ArgumentParser(prog=prog, description=description)
     ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
     ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {override_example}")
     ap.add_argument("--help-config", action="store_true", help="list every config key with its doc")

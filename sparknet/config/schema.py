@@ -350,7 +350,10 @@ class TrainConfig:
 
 
 def _divisors_text(n: int) -> str:
-    divs = [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n, the 6 smallest and 6 largest when there are more: found up to sqrt(n), so that a huge
+    count (train.batch_tokens=1e12) is answered at once, not after walking every integer below it."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    divs = sorted(set(small + [n // d for d in small]))
     return ", ".join(map(str, divs if len(divs) <= 12 else divs[:6] + divs[-6:]))
 
 
@@ -456,6 +459,15 @@ class RunConfig:
     @property
     def lab_path(self) -> Path:
         return Path(self.lab_dir)
+
+    def check_trainable(self, budget_key: str = "mixture.total_tokens") -> None:
+        """Before training (not at load: `prepare` of a small budget needs no step): the budget holds at least one
+        optimizer step. `budget_key` names the flag that set the budget (a study's --proxy-tokens)."""
+        t, total = self.train, self.mixture.total_tokens
+        if t.batch_tokens > total:
+            raise SparknetError(f"train.batch_tokens: {t.batch_tokens:,} tokens per optimizer step exceed the "
+                              f"whole budget ({budget_key} {total:,}): not one step would be taken (fix: lower "
+                              f"train.batch_tokens to at most {total // t.seq_len * t.seq_len:,}, or raise {budget_key})")
 
 
 class _At:
