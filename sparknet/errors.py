@@ -52,7 +52,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         fix = f"see {self.prog} --help"
         if "unrecognized arguments" in message:
-            fix = f"drop them, or see {self.prog} --help for the flags; config keys go as key.sub=value"
+            fix = f"drop them, or see {self.prog} --help for the flags"
+            if any(a.dest == "overrides" for a in self._actions):
+                fix += "; config keys go as key.sub=value"
         elif "expected one argument" in message:
             fix = f"give it a value, e.g. {message.split()[1].rstrip(':')}=VALUE" if message.startswith("argument") \
                 else fix

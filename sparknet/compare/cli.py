@@ -6,20 +6,20 @@ trials left out, the baselines left unscored and where the files went; `--check-
 
 from __future__ import annotations
 
-import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparknet.compare.baselines import DEFAULT_BASELINES
+from sparknet.compare.baselines import DEFAULT_BASELINES, split_baseline
 from sparknet.compare.comparison import COMPARE_EXPERIMENT, compare, describe_trials
 from sparknet.compare.options import CompareOptions
 from sparknet.compare.render import terminal_width, to_text, to_text_wide
 from sparknet.compare.runs import TRIALS_ALL, TRIALS_BEST, TRIALS_NONE
 from sparknet.compare.table import KIND_BASELINE
-from sparknet.errors import SparknetError, cli_main
-from sparknet.evaluate import DEFAULT_PROTOCOLS, EVAL_DTYPE
+from sparknet.errors import ArgumentParser, SparknetError, cli_main
+from sparknet.evaluate import DEFAULT_PROTOCOLS, EVAL_DTYPE, WIKITEXT_ENV, find_local_file
 from sparknet.hub import hub_unreachable
 
 HUB_PROBE_S = 4.0  # the whole probe, name lookup included: offline must be known within 5 s
@@ -35,9 +35,45 @@ def parse_tags(items: Sequence[str]) -> dict[str, str]:
     return tags
 
 
+def check_evaluate_inputs(opts: CompareOptions, args) -> None:
+    """What `--evaluate` will need, checked before any model is loaded: a device that exists here, a local WikiText-2
+    copy that holds both splits when one is named, and every extra baseline that is meant as a folder present.
+    Without this a typo ends, minutes later, in a table whose every row has a note and exit 0."""
+    import torch
+
+    if opts.device:
+        try:
+            dev = torch.device(opts.device)
+        except (RuntimeError, ValueError):
+            raise SparknetError(f"--device {opts.device!r}: not a device torch knows (fix: --device cpu or --device "
+                                f"cuda, or leave it out)") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise SparknetError(f"--device {opts.device!r}: sparknet scores on cpu, cuda or mps (fix: --device cpu)")
+        gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= gpus):
+            have = f"{gpus} CUDA device(s)" if torch.cuda.is_available() else f"no CUDA device (torch {torch.__version__})"
+            raise SparknetError(f"--device {opts.device!r}: this machine has {have} (fix: --device cpu, or leave it "
+                                f"out to use a GPU when there is one)")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise SparknetError(f"--device {opts.device!r}: MPS is not available here (fix: --device cpu)")
+    local = opts.wikitext or os.environ.get(WIKITEXT_ENV)
+    if local:
+        where = "--wikitext" if opts.wikitext else WIKITEXT_ENV
+        try:
+            for split in ("test", "validation"):
+                find_local_file(local, split)
+        except SparknetError as exc:
+            raise SparknetError(f"{where}: {exc}") from None
+    for spec in args.baseline:
+        model, _ = split_baseline(spec)
+        if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+            raise SparknetError(f"--baseline {spec}: no such model folder (fix: the path of a saved model folder, "
+                                f"or a hub id such as openai-community/gpt2)")
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparknet.compare", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m sparknet.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", action="append", default=[], metavar="NAME",
                     help="MLflow experiment to read runs from (repeatable; default: all but sparknet-compare)")
     ap.add_argument("--run-id", action="append", default=[], metavar="ID",
@@ -84,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the Hugging Face hub is not reachable: {down}" if down else "the Hugging Face hub answers")
         return 1 if down else 0
     if args.batch_size < 1:
-        raise SparknetError(f"--batch-size {args.batch_size}: must be >= 1")
+        raise SparknetError(f"--batch-size {args.batch_size}: must be >= 1 (fix: --batch-size 8)")
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", args.name):
         raise SparknetError(f"--name {args.name!r}: not a safe folder name (fix: letters, digits, '.', '_', '-')")
     out = Path(args.out) if args.out else Path(args.lab) / "compare" / args.name if args.name else None
@@ -97,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate=args.evaluate is not None, evaluate_only="" if args.evaluate in (None, "all") else args.evaluate,
         wikitext=args.wikitext, out=out, log=not args.no_log,
         device=args.device, batch_size=args.batch_size)
+    if opts.evaluate:
+        check_evaluate_inputs(opts, args)
     if opts.evaluate:  # a progress bar per model load is noise next to our one line per evaluation
         from transformers.utils import logging as hf_logging
 
