@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.audit_processes!r} (fix: --audit-processes 1,2)")
     from sparknet.locks import prepare_lock
 
+    check_lab(cfg.lab_path)  # before the lock, which would create the folder
     with prepare_lock(cfg.lab_path):  # a run or study preparing the same lab waits, rather than racing on a tokenizer
         prepared = prepare(cfg, workers=args.workers, progress=not args.quiet)
     print(format_report(prepared))

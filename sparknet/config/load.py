@@ -182,12 +182,12 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 def _apply_override(raw: dict, text: str, origins: dict[str, str]) -> None:
     label = f"override {text!r}"
     if "=" not in text:
-        raise ConfigError(label, "", "expected key.sub=value, e.g. train.lr=3e-4")
+        raise ConfigError(label, "", "expected key.sub=value (fix: e.g. train.lr=3e-4)")
     key, _, value_text = text.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p for p in parts):
-        raise ConfigError(label, key, "malformed key; expected key.sub=value")
+        raise ConfigError(label, key, "malformed key (fix: write it as key.sub=value, e.g. train.lr=3e-4)")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
@@ -204,16 +204,17 @@ def _apply_override(raw: dict, text: str, origins: dict[str, str]) -> None:
             if idx is None:
                 names = [it.get("name") for it in node if isinstance(it, dict)]
                 raise ConfigError(label, ".".join(parts[: i + 1]),
-                                  f"no list item named {part!r} (have: {', '.join(map(str, names))})")
+                                  f"no list item named {part!r} (fix: use one of {', '.join(map(str, names))})")
             node = node[idx]
             path_so_far.append(f"[{idx}]")
         else:
             if not isinstance(node, dict):
-                raise ConfigError(label, ".".join(parts[: i + 1]), "is not a section")
+                raise ConfigError(label, ".".join(parts[: i + 1]), "is not a section (fix: set it as a whole, "
+                                  "or check the key with --help-config)")
             node = node.setdefault(part, {})
             path_so_far.append(part)
     if not isinstance(node, dict):
-        raise ConfigError(label, key, "cannot set a field on a non-section")
+        raise ConfigError(label, key, "cannot set a field on a non-section (fix: check the key with --help-config)")
     node[parts[-1]] = value
     canonical = ".".join(path_so_far + [parts[-1]]).replace(".[", "[")
     origins[canonical] = label
@@ -250,13 +251,14 @@ def read_yaml(path: Path, what: str = "") -> Any:
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
-        raise ConfigError(file, what, "is not UTF-8 text") from None
+        raise ConfigError(file, what, "is not UTF-8 text (fix: save it as UTF-8)") from None
     except _DuplicateKey as exc:
         raise ConfigError(file, what, f"{exc} (fix: keep one of them)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError(file, what, f"{line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(file, what, f"{line}invalid YAML ({getattr(exc, 'problem', exc)}) (fix: correct that "
+                          f"line; mixtures/quickstart.yaml shows the shape)") from None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -272,7 +274,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(file, "", f"must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(file, "", f"must be a mapping of sections, got {type(raw).__name__} (fix: top-level keys "
+                          f"such as mixture:, train:, model:; see mixtures/quickstart.yaml)")
     raw.setdefault("name", p.stem)
     origins: dict[str, str] = {}
     for text in overrides:
