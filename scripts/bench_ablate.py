@@ -46,7 +46,8 @@ def main() -> int:
 
     code, total, trials, train, over = timed_study("sparknet-bench-ablate-", args.proxy_tokens, lambda lab: ablate_main(
         [str(lab / "tiny.yaml"), "--design", args.design, "--seeds", str(args.seeds), "--proxy-tokens",
-         args.proxy_tokens, "--objective", args.objective, "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
+         args.proxy_tokens, "--objective", args.objective, "--study", "bench", "--out", str(lab / "summary"),
+         f"lab_dir={lab}"]), **MIXTURE)
     if code:
         return code
     print(f"\n{len(trials)} runs ({len(train)} completed; design {args.design} x {args.seeds} seed(s)) at "

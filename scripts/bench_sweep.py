@@ -36,7 +36,7 @@ def main() -> int:
 
     code, total, trials, train, over = timed_study("sparknet-bench-sweep-", args.proxy_tokens, lambda lab: sweep_main(
         ["--mixture", str(lab / "tiny.yaml"), "--trials", str(args.trials), "--proxy-tokens", args.proxy_tokens,
-         "--study", "bench", f"lab_dir={lab}"]), **MIXTURE)
+         "--study", "bench", "--out", str(lab / "summary"), f"lab_dir={lab}"]), **MIXTURE)
     if code:
         return code
     print(f"\n{len(trials)} trials ({len(train)} completed) at {int(args.proxy_tokens):,} tokens in {total:.1f} s "

@@ -148,7 +148,9 @@ def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
 # The fitted model
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of `a` and `b` (scipy's), nan when it says nothing: fewer than 3 values, or one
+    side constant. The one place studies compute it (the fit's held-out check, the ablation's findings)."""
     from scipy.stats import spearmanr
 
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -219,7 +221,7 @@ def _fit_objective(weights: np.ndarray, values: np.ndarray, names: tuple[str, ..
     scores = {}
     for kind in kinds:
         pred = cross_val_predict(_make(kind, n), w, y, cv=cv)
-        scores[kind] = _spearman(pred, y)
+        scores[kind] = spearman(pred, y)
     best_kind = max(kinds, key=lambda k: -1 if math.isnan(scores[k]) else scores[k])
     rho = scores[best_kind]
     model = _make(best_kind, n).fit(w, y)

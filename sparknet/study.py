@@ -1,353 +1,364 @@
-"""The one Optuna layer under `sparknet.sweep` (hyperparameters) and `sparknet.ablate` (mixture weights): the only
-module that imports optuna.
+"""The study lifecycle under `sparknet.sweep` (hyperparameters), `sparknet.ablate` (mixture weights) and any further
+kind of study: a kind says only what differs, as a `StudyKind`; `run_study` does the rest.
 
-What both need, written once:
+    kind = Sweep(study_name=..., storage_url=..., mixture=..., ...)   # a StudyKind
+    return kind.run(confirm=args.confirm)                              # run_study(kind, confirm=...)
 
-- Storage: SQLite (`sqlite:///lab/optuna.db`) or PostgreSQL for several machines (`open_storage`), and a per-study
-  lock for the decide-and-take step (`study_lock`: a file lock for SQLite, an advisory lock in PostgreSQL), so that
-  N workers never take more trials than the study wants.
-- Heartbeats: a worker's trial beats every `heartbeat_s / 2`; one silent for twice `heartbeat_s` (a worker killed
-  outright, a lost machine) is failed and queued again with the same parameters by any worker, and the retry
-  continues the original's checkpoints.
-- Interrupts: Ctrl-C or SIGTERM fails the running trial and queues it again (`Worker.abandon`); the steps that must
-  not be cut in half (take a trial and start its heartbeat; record how a trial ended) run first
-  (`signals_deferred`).
-- The trial itself (`Worker.run_trial`): a `sparknet.run` training whose every evaluation records every source's
-  held-out loss, then the objective (`sparknet.objective`) measured on the result; a pruned or diverged trial is a
-  result, an error fails it with the reason (never retried: its parameters do not work), nothing is left RUNNING.
-- Study-wide jobs done once whatever the number of workers (`study_job`: the summary, the confirmation run).
-- What a study is (`recipe`, `identity_difference`): stored at creation, compared on every later run.
+What every kind gets, written once:
 
-A study kind (`Sweep`, `Ablation`) is a `Worker` subclass that says which trial to take next (`take`), how a trial
-becomes a config (`setup_trial`), what is reported at each evaluation (`report`) and what else a finished trial
-records (`record`).
+- Creating or loading the study under the study lock, and what a study is (`identity`): stored at creation
+  (`sparknet.kind`, the proxy budget, the objective, the recipe, ... and the kind's own keys) and compared on every
+  later run, so a rerun with another question is a one-line error naming the difference, before anything trains.
+- The parent MLflow run (experiment = study name): started once, with each trial a child run; closed with the
+  summary's metrics, tags and files.
+- Workers (`sparknet.study_worker`): any number, on one storage (`sparknet.study_storage`: SQLite, or PostgreSQL for
+  several machines), with heartbeats, retries, resume after an interrupt or a kill.
+- The conclusion, once per study whatever the number of workers (`study_job`: a claim taken under the lock and kept
+  alive by a heartbeat): the summary written to `--out` (default experiments/<study>/, from where the command runs),
+  then `--confirm` (the chosen config at the full budget), by one worker each.
+- The command line's shared flags (`add_study_arguments`, `parse_budget`, `study_settings`).
+
+A kind (a dataclass subclass of `StudyKind`) implements: for the lifecycle `base_config`, `identity`,
+`identity_difference`, `sampler_and_pruner`, `queue`, `parent_params`, `summarize`, `confirmation` (and optionally
+`before_create`, `parent_tags`, `plan_detail`); for its worker `take`, `setup_trial`, `unbuildable_fix` (and
+optionally `report`, `trial_tags`, `record`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
-import math
 import os
 import re
-import signal
-import sys
+import socket
 import threading
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sparknet.config import RunConfig, to_dict
 from sparknet.errors import SparknetError
+from sparknet.objective import Objective
+from sparknet.study_storage import (
+    counts,
+    create_study,
+    default_storage,
+    find_study,
+    finished_trials,
+    open_storage,
+    quiet_optuna,
+    redact,
+    study_lock,
+)
+from sparknet.study_worker import Worker, interrupt_handlers, signals_deferred
 
 ROOT = Path(__file__).resolve().parents[1]
-# A run of trials whose config cannot be built (a sampled combination no single bound shows, e.g. a wsd schedule
-# whose warmup + decay exceed the run): after this many in a row the worker stops and says so.
-MAX_UNBUILDABLE_IN_A_ROW = 3
-DONE = "done"  # what `Worker.take` returns when the study has every trial it wants
 
 
-def quiet_optuna() -> None:
-    """Optuna's per-trial INFO lines and the warnings about how we drive it, off (we print our own lines)."""
-    import logging
+@dataclass
+class Summary:
+    """What a kind's summary gives the lifecycle: `result` (returned to the caller), and for the parent MLflow run
+    its final `metrics`, `tags` and the `files` it keeps; `written` names them in the "wrote DIR/ (...)" line."""
 
-    import optuna
-
-    optuna.logging.set_verbosity(logging.WARNING)
-    # We drive heartbeats ourselves (ask/tell under a lock, not Study.optimize), deliberately.
-    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-# ---------------------------------------------------------------------------------------------
-# Interrupts: Ctrl-C and SIGTERM raise `Interrupted` in the main thread, except inside the few steps that must
-# not be cut in half (take a trial and start its heartbeat; record how a trial ended), which run first.
+    result: dict[str, Any]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    files: list[Path]
+    written: str
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM. A KeyboardInterrupt, so `run.execute` records its run as interrupted (resumable)."""
+@dataclass
+class Confirmation:
+    """What --confirm trains, once per study: `config` at the full budget, claimed for `key`. `what` and `run` name
+    it in the lines printed ("confirming {what} at the full budget", "--confirm: {run} was done by ...")."""
+
+    key: Any
+    config: RunConfig
+    what: str
+    run: str
 
 
-class _Deferral(threading.local):
-    depth = 0
-    pending: int | None = None
+@dataclass(kw_only=True)
+class StudyKind:
+    """What a kind of study is and says. The fields are what every kind has; the methods are its hooks."""
 
+    kind: ClassVar[str]  # the study attr `sparknet.kind`, the MLflow tag, the module (python -m sparknet.<kind>)
+    lab_folder: ClassVar[str]  # the parent run's local files: <lab>/<lab_folder>/<study>/
+    noun: ClassVar[str] = "trials"  # what the lines printed call a study's trials
+    # User attrs a trial queued again after an interrupt keeps (the run continues, so does its curve).
+    requeue_keep: ClassVar[tuple[str, ...]] = ("val_loss_by_eval",)
+    confirm_reads_summary: ClassVar[bool] = False  # --confirm trains what the summary chose: wait for it
 
-_DEFER = _Deferral()
+    mixture: str
+    base_overrides: list[str]
+    proxy_tokens: int
+    study_name: str
+    storage_url: str
+    objective: Objective | None = None
+    out_dir: Path | None = None  # --out; None: experiments/<study>/ from where the command runs
+    timeout_s: float | None = None
+    heartbeat_s: int = 60
+    progress: bool = False
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
+    def run(self, *, confirm: bool) -> int:
+        """Create or load the study, work on it, conclude (`run_study`); the exit code."""
+        return run_study(self, confirm=confirm)
 
-def _on_signal(signum, frame) -> None:
-    if _DEFER.depth:
-        _DEFER.pending = signum
-        return
-    raise Interrupted(signal.Signals(signum).name)
+    @property
+    def out(self) -> Path:
+        """The folder the summary is written to."""
+        return Path(self.out_dir) if self.out_dir is not None else Path("experiments") / self.study_name
 
+    # -- the lifecycle's hooks -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def signals_deferred():
-    """A signal arriving inside the block is raised when the block ends (so a study update is never half done)."""
-    _DEFER.depth += 1
-    try:
-        yield
-    finally:
-        _DEFER.depth -= 1
-        if not _DEFER.depth and _DEFER.pending is not None:
-            signum, _DEFER.pending = _DEFER.pending, None
-            raise Interrupted(signal.Signals(signum).name)
+    def base_config(self) -> RunConfig:
+        """The config the study's recipe (identity) and its parent run's tracking settings come from."""
+        raise NotImplementedError
 
+    def identity(self) -> dict[str, Any]:
+        """The kind's own study user attrs (beside `common_identity`'s), compared by `identity_difference`."""
+        return {}
 
-@contextlib.contextmanager
-def interrupt_handlers():
-    """SIGINT and SIGTERM -> Interrupted while the study runs (main thread only; restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-# ---------------------------------------------------------------------------------------------
-# Storage, lock, study
-
-
-def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
-
-
-@contextlib.contextmanager
-def study_lock(url: str, study: str):
-    """Serialize the decide-and-take step of all workers of one study (and its creation)."""
-    key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///") + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-    elif url.startswith("postgresql"):
-        import sqlalchemy
-
-        engine = _engine(url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    else:  # another database: Optuna's own transactions only (a rare overshoot of one trial is possible)
-        yield
-
-
-_ENGINES: dict = {}
-
-
-def _engine(url: str):
-    import sqlalchemy
-
-    if url not in _ENGINES:
-        _ENGINES[url] = sqlalchemy.create_engine(url, pool_pre_ping=True)
-    return _ENGINES[url]
-
-
-def default_storage(lab: Path) -> str:
-    return f"sqlite:///{(lab / 'optuna.db').resolve()}"
-
-
-def open_storage(url: str, heartbeat_s: int):
-    import optuna
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with study_lock(url, "__storage__"):  # table creation on a fresh database must not race
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True})
-    except SparknetError:
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise SparknetError(f"--storage {redact(url)}: cannot open the Optuna storage ({first}) (fix: start the "
-                            f"database, e.g. bash lab/postgres.sh, check the URL, or use the default "
-                            f"sqlite:///lab/optuna.db)") from None
-
-
-def tpe_sampler(seed: int, n_startup_trials: int):
-    import optuna
-
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-
-
-def median_pruner(n_startup_trials: int, n_warmup_steps: int):
-    import optuna
-
-    return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
-
-
-def fixed_sampler_and_no_pruner():
-    """For studies whose trials are all enqueued (an ablation's design points): nothing is sampled (a random
-    sampler, the cheapest, is never asked for a value) and nothing is pruned (every point is a measurement)."""
-    import optuna
-
-    return optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner()
-
-
-def create_study(name: str, storage, sampler, pruner):
-    """Create the study, or load it when it exists (call under `study_lock`)."""
-    import optuna
-
-    return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
-                               pruner=pruner, load_if_exists=True)
-
-
-def find_study(name: str, storage):
-    """The study if it exists (without creating it), else None."""
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
+    def identity_difference(self, stored: dict[str, Any], now: dict[str, Any]) -> str | None:
+        """The first way the kind's own attrs in `now` differ from the `stored` ones, in words; None if none."""
         return None
 
+    def sampler_and_pruner(self) -> tuple[Any, Any]:
+        raise NotImplementedError
 
-def load_study(name: str, url: str):
-    import optuna
+    def before_create(self, existing) -> None:
+        """Before the study is created or loaded (`existing`: the stored study, its identity checked; None for a new
+        one): prepare what its trials need, so that a study never holds queued trials that cannot run."""
 
-    return optuna.load_study(study_name=name, storage=url)
+    def queue(self, study) -> None:
+        """Under the study lock, before the identity is stored: enqueue what a new (or grown) study starts with."""
+
+    def parent_params(self) -> dict[str, str]:
+        """The parent run's params beside the common ones (study, storage, proxy_tokens, mixture, objective)."""
+        return {}
+
+    def parent_tags(self) -> dict[str, str]:
+        """The parent run's tags beside the common ones (sparknet.study, sparknet.kind, sparknet.objective)."""
+        return {}
+
+    def planned(self) -> int:
+        """How many finished trials the study wants."""
+        raise NotImplementedError
+
+    def plan_detail(self) -> str:
+        """Said after "N of M {noun} finished" in the first line (e.g. " (4 points x 2 seeds)")."""
+        return ""
+
+    def summarize(self, study) -> Summary:
+        """Print the table and write the summary into `self.out` (SparknetError if nothing can be concluded)."""
+        raise NotImplementedError
+
+    def confirmation(self, study) -> Confirmation | None:
+        """What --confirm trains, or None when there is nothing to confirm."""
+        return None
+
+    # -- the worker's hooks (sparknet.study_worker.Worker) --------------------------------------
+
+    def take(self, study):
+        """Under the study lock: the trial to run next (study.ask()), None to wait for trials running elsewhere,
+        or study_worker.DONE when the study has every trial it wants."""
+        raise NotImplementedError
+
+    def setup_trial(self, study, trial, frozen, origin: int) -> RunConfig:
+        """The trial's config (print what it is); a SparknetError means its parameters cannot work."""
+        raise NotImplementedError
+
+    def report(self, trial, index: int, tokens: int, val: dict[str, float]) -> None:
+        """At evaluation `index` (not the final one), with every source's held-out loss: report, maybe prune."""
+
+    def trial_tags(self, trial) -> dict[str, str]:
+        return {}
+
+    def record(self, trial, out, metrics: dict[str, float], cfg: RunConfig) -> None:
+        """Anything else a completed trial keeps (user attrs), before it is told."""
+
+    def unbuildable_fix(self) -> str:
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------
-# Trials
+# The lifecycle
 
 
-class TrialPruned(Exception):
-    """Raised from the training's evaluation hook; `execute` ends the MLflow run as KILLED / pruned."""
+def run_study(kind: StudyKind, *, confirm: bool) -> int:
+    """Create or load the study, work on it until it has every trial it wants (or --timeout), then conclude."""
+    quiet_optuna()
+    with interrupt_handlers():
+        storage = open_storage(kind.storage_url, kind.heartbeat_s)
+        existing = find_study(kind.study_name, storage)
+        if existing is not None:  # a rerun: a different question is an error before anything is prepared
+            check_identity(kind, existing.user_attrs, study_identity(kind))
+        kind.before_create(existing)
+        study = create_or_load(kind, storage)
+        c = counts(study)
+        print(f"study {kind.study_name} at {redact(kind.storage_url)}: {c['COMPLETE'] + c['PRUNED']} of "
+              f"{kind.planned()} {kind.noun} finished{kind.plan_detail()}, {c['RUNNING']} running; minimizing "
+              f"{kind.objective.metric} at a proxy budget of {kind.proxy_tokens:,} tokens", flush=True)
+        if not Worker(kind, storage).work(study):
+            return 0  # timed out: the rerun continues
+        conclude(kind, study, confirm)
+    return 0
 
-    run_status = "KILLED"
-    state_status = "pruned"
+
+def create_or_load(kind: StudyKind, storage):
+    """The study (created once, under the lock): checked against what it was created as, what it starts with queued,
+    and the MLflow parent run."""
+    sampler, pruner = kind.sampler_and_pruner()
+    identity = study_identity(kind)
+    with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
+        study = create_study(kind.study_name, storage, sampler, pruner)
+        check_identity(kind, study.user_attrs, identity)
+        kind.queue(study)
+        store_identity(study, identity)
+        if "mlflow_parent_run_id" not in study.user_attrs:
+            study.set_user_attr("mlflow_parent_run_id", _start_parent(kind))
+    return study
 
 
-def start_heartbeat(storage, trial_id: int, every_s: float) -> threading.Event:
+def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict | None:
+    """Every trial the study wants has finished: the summary (and --confirm) by exactly one worker; the others say
+    who. A worker asked to --confirm what the summary chose waits for the summary (seconds) when another writes it."""
+    finished = len(finished_trials(study))
+    summary = None
+    waiting = False
+    while True:
+        with study_job(kind, study, "summary", finished) as state:
+            if state == "mine":
+                summary = write_summary(kind, study)
+                break
+            if state == "done" or not (confirm and kind.confirm_reads_summary):
+                who = study.user_attrs.get("sparknet.job.summary", {}).get("by", "?")
+                print(f"study {kind.study_name}: {finished} {kind.noun} finished; the summary in {kind.out}/ "
+                      + ("was written by " if state == "done" else "is being written by ")
+                      + (who if state == "done" else state), flush=True)
+                break
+        if not waiting:
+            print(f"study {kind.study_name}: waiting for {state} to write the summary (then --confirm)", flush=True)
+            waiting = True
+        time.sleep(poll_s)  # its claim goes stale if it dies: study_job then hands the summary to this worker
+    plan = kind.confirmation(study) if confirm else None
+    if plan is None:
+        return summary
+    with study_job(kind, study, "confirm", plan.key) as state:
+        if state != "mine":
+            print(f"--confirm: {plan.run} " + ("was done by another worker" if state == "done"
+                                               else f"is being trained by {state}"), flush=True)
+            return summary
+        from sparknet.run import execute
+
+        print(f"confirming {plan.what} at the full budget ({plan.config.mixture.total_tokens:,} tokens)", flush=True)
+        tags = {"sparknet.study": kind.study_name, "sparknet.confirm": "true",
+                "sparknet.objective": kind.objective.name}
+        if kind.objective.tuned_on:  # its WikiText-2 validation figures were selected on: tables mark them
+            tags["sparknet.tuned_on"] = kind.objective.tuned_on
+        out = execute(plan.config, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), extra_tags=tags)
+        if summary is not None:
+            summary["confirm"] = out.result
+        return summary
+
+
+def write_summary(kind: StudyKind, study) -> dict:
+    """The kind's summary into its folder, then the parent run closed with it."""
+    s = kind.summarize(study)
+    _close_parent(kind, study, s)
+    print(f"wrote {kind.out}/ ({s.written})", flush=True)
+    return s.result
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent MLflow run
+
+
+def _parent_tracker(kind: StudyKind):
+    """The tracker of the study's MLflow parent run (None when the mixture turns tracking off)."""
+    from sparknet.tracking import open_tracker
+
+    cfg = kind.base_config()
+    if not cfg.tracking.enabled:
+        return None
+    lab = cfg.lab_path
+    d = lab / kind.lab_folder / kind.study_name
+    d.mkdir(parents=True, exist_ok=True)
+    return open_tracker(True, cfg.tracking.uri, kind.study_name, lab, d, timeout_s=cfg.tracking.timeout_s)
+
+
+def _start_parent(kind: StudyKind) -> str | None:
+    tracker = _parent_tracker(kind)
+    if tracker is None:
+        return None
+    params = {"study": kind.study_name, "storage": redact(kind.storage_url), "proxy_tokens": str(kind.proxy_tokens),
+              "mixture": str(kind.mixture), "objective": kind.objective.name} | kind.parent_params()
+    tags = {"sparknet.study": kind.study_name, "sparknet.kind": kind.kind,
+            "sparknet.objective": kind.objective.name} | kind.parent_tags()
+    return tracker.start(params, tags, run_name=f"{kind.kind} {kind.study_name}")
+
+
+def _close_parent(kind: StudyKind, study, s: Summary) -> None:
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    tracker = _parent_tracker(kind) if run_id else None
+    if tracker is None:
+        return
+    tracker.start({}, {}, run_name="", resume_run_id=run_id)
+    tracker.log_metrics(s.metrics, len(study.trials))
+    for p in s.files:
+        tracker.log_artifact(p)
+    tracker.set_tags({"sparknet.objective": kind.objective.name, "sparknet.objective_metric": kind.objective.metric}
+                     | s.tags)
+    tracker.end("FINISHED")
+
+
+# ---------------------------------------------------------------------------------------------
+# Study-wide jobs
+
+
+@contextlib.contextmanager
+def study_job(kind: StudyKind, study, name: str, key: Any):
+    """Claim the study-wide job `name` (the summary, the confirmation) for `key` (what it is done for). Yields
+    "mine" (this worker does it; a heartbeat keeps the claim alive, done is recorded at the end, a failure or an
+    interrupt releases it), "done" (already done for this key) or the worker id of the one doing it now. The
+    claim is taken under the study lock, so with N workers exactly one does the job."""
+    attr = f"sparknet.job.{name}"
+    me = kind.worker_id
+    stale_s = 2 * kind.heartbeat_s
+    with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
+        c = study.user_attrs.get(attr)
+        if c and c.get("key") == key and c.get("done"):
+            state = "done"
+        elif c and not c.get("done") and c.get("by") != me and time.time() - c.get("beat", 0) < stale_s:
+            state = c["by"]
+        else:
+            state = "mine"
+            study.set_user_attr(attr, {"key": key, "by": me, "beat": time.time(), "done": False})
+    if state != "mine":
+        yield state
+        return
     stop = threading.Event()
 
     def beat():
-        while not stop.wait(every_s):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # the database blinked: the next beat retries
-                pass
+        while not stop.wait(max(1.0, kind.heartbeat_s / 2)):
+            with contextlib.suppress(Exception):  # a blink of the database: the next beat retries
+                study.set_user_attr(attr, {"key": key, "by": me, "beat": time.time(), "done": False})
 
-    storage.record_heartbeat(trial_id)
-    threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}").start()
-    return stop
-
-
-def eval_index(tokens: int, every_tokens: int) -> int:
-    """The pruning step of an evaluation: which `every_tokens` boundary it is (0 for the first), from the tokens
-    trained, so a trial resumed from a checkpoint reports at the same steps as one that ran through."""
-    return tokens // every_tokens - 1
-
-
-def requeue(study, frozen, *, keep_attrs: tuple[str, ...] = ("baseline", "val_loss_by_eval")) -> None:
-    """Queue trial `frozen` again with the same parameters, as Optuna's heartbeat retry does: `failed_trial` names
-    the original, whose run folder (and checkpoints) the retry continues. An interrupt is counted in its own list,
-    `interrupt_history`, not in Optuna's `retry_history`: that one is the stale-heartbeat retry budget
-    (`max_retry`), and a trial stopped and resumed three times with Ctrl-C must still be retried if its worker dies."""
-    import optuna
-
-    system = dict(frozen.system_attrs)
-    system.setdefault("failed_trial", frozen.number)
-    system["interrupt_history"] = [*system.get("interrupt_history", []), frozen.number]
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-        user_attrs={k: v for k, v in frozen.user_attrs.items() if k in keep_attrs}, system_attrs=system))
-
-
-def enqueue(study, params: dict[str, Any], user_attrs: dict[str, Any] | None = None) -> None:
-    """A trial whose parameters are fixed (the baseline of a sweep, a design point of an ablation)."""
-    study.enqueue_trial(params, user_attrs=user_attrs, skip_if_exists=False)
-
-
-def counts(study) -> dict[str, int]:
-    from collections import Counter
-
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
-
-
-def finished_trials(study) -> list:
-    return [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
-
-
-def complete_trials(study) -> list:
-    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-
-
-def fail_stale_trials(study) -> None:
-    """Trials whose worker stopped beating: failed, and queued again by Optuna's retry callback."""
-    import optuna
-
-    optuna.storages.fail_stale_trials(study)
-
-
-def running_without_heartbeat(storage, study) -> list[int]:
-    """RUNNING trials of the study with no heartbeat row (Optuna's tables; [] if they ever change shape)."""
-    import sqlalchemy
-
-    query = sqlalchemy.text("SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
+    thread = threading.Thread(target=beat, daemon=True, name=f"job-{name}")
+    thread.start()
+    done = False
     try:
-        with storage.engine.connect() as conn:
-            return [row[0] for row in conn.execute(query, {"study": study._study_id})]
-    except Exception:  # another schema: only this rare orphan goes unrescued, as in Optuna itself
-        return []
-
-
-def tell(study, trial, value: float | None = None, *, state: str | None = None) -> None:
-    """Record how a trial ended: a value (COMPLETE), or state "PRUNED" / "FAIL"."""
-    import optuna
-
-    if state is None:
-        study.tell(trial, value)
-    else:
-        study.tell(trial, state=optuna.trial.TrialState[state])
-
-
-def optuna_plots(study, out_dir: Path, metric: str) -> list[Path]:
-    """Optuna's own views of a sweep: optimization history, parameter importance, parallel coordinates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    made = []
-    for name, fn in (("optimization_history", ovm.plot_optimization_history),
-                     ("param_importances", ovm.plot_param_importances),
-                     ("parallel_coordinate", ovm.plot_parallel_coordinate)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study, target_name=metric)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}.png", dpi=100)
-            plt.close(fig)
-            made.append(out_dir / f"{name}.png")
-        except Exception as exc:  # e.g. importances need >= 2 complete trials with varying params
-            print(f"note: no {name} plot ({type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
-    return made
+        yield "mine"
+        done = True
+    finally:
+        stop.set()
+        thread.join()
+        with signals_deferred():
+            study.set_user_attr(attr, {"key": key, "by": me, "beat": time.time() if done else 0, "done": done})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,45 +387,48 @@ def recipe(cfg: RunConfig) -> dict[str, str]:
     return flatten(run_identity(d) | {"eval": {"val_tokens": d["eval"]["val_tokens"]}})
 
 
-def common_identity(kind: str, proxy_tokens: int, objective, base: RunConfig, mixture: str,
-                    overrides: list[str]) -> dict[str, Any]:
+def study_identity(kind: StudyKind) -> dict[str, Any]:
     """The study user attrs every kind stores (compared: kind, proxy_tokens, objective, recipe, objective_data;
-    for the record: mixture path and hash, overrides, model)."""
+    for the record: mixture path and hash, overrides, model), then the kind's own."""
+    base = kind.base_config()
     rec = recipe(base)
     mixture_part = {k: v for k, v in rec.items() if k.startswith(("mixture.", "tokenizer."))}
-    data = objective.data(base)
+    data = kind.objective.data(base)
     return {
-        "sparknet.kind": kind,
-        "sparknet.proxy_tokens": proxy_tokens,
-        "sparknet.objective": objective.name,
+        "sparknet.kind": kind.kind,
+        "sparknet.proxy_tokens": kind.proxy_tokens,
+        "sparknet.objective": kind.objective.name,
         "sparknet.recipe": rec,
         "sparknet.objective_data": {k: data[k] for k in ("sha256", "rows")} if data else {},
-        "sparknet.mixture": str(mixture),
+        "sparknet.mixture": str(kind.mixture),
         "sparknet.mixture_sha256": hashlib.sha256(json.dumps(mixture_part, sort_keys=True).encode()).hexdigest(),
-        "sparknet.overrides": list(overrides),
+        "sparknet.overrides": list(kind.base_overrides),
         "sparknet.model": {k.removeprefix("model."): v for k, v in rec.items() if k.startswith("model.")},
-    }
+    } | kind.identity()
 
 
-def kind_difference(stored: dict[str, Any], now: dict[str, Any]) -> str | None:
+def check_identity(kind: StudyKind, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = identity_difference(kind, stored, now)
+    if diff:
+        raise SparknetError(f"--study {kind.study_name}: {diff} (fix: rerun with the study's settings, or start "
+                            f"another study with --study NAME)")
+
+
+def identity_difference(kind: StudyKind, stored: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first way `now` differs from what the study stored, in words; None when it is the same study."""
     # Studies from before the kind was stored are sweeps (the only kind there was).
     old = stored.get("sparknet.kind", "sweep" if stored.get("sparknet.space") is not None else None)
     if old is not None and old != now["sparknet.kind"]:
         return (f"it is a{'n' if old[0] in 'aeiou' else ''} {old} study (python -m sparknet.{old}), this command runs "
                 f"a{'n' if now['sparknet.kind'][0] in 'aeiou' else ''} {now['sparknet.kind']}")
-    return None
-
-
-def budget_objective_difference(stored: dict[str, Any], now: dict[str, Any]) -> str | None:
     if "sparknet.proxy_tokens" in stored and stored["sparknet.proxy_tokens"] != now["sparknet.proxy_tokens"]:
         return (f"its proxy budget is {stored['sparknet.proxy_tokens']:,} tokens, this command asks for "
                 f"{now['sparknet.proxy_tokens']:,} (--proxy-tokens)")
     if "sparknet.objective" in stored and stored["sparknet.objective"] != now["sparknet.objective"]:
         return f"it minimizes {stored['sparknet.objective']}, this command asks for {now['sparknet.objective']} (--objective)"
-    return None
-
-
-def recipe_difference(stored: dict[str, Any], now: dict[str, Any]) -> str | None:
+    diff = kind.identity_difference(stored, now)
+    if diff:
+        return diff
     old_rec = stored.get("sparknet.recipe")
     if old_rec is not None:
         new_rec = now["sparknet.recipe"]
@@ -439,307 +453,45 @@ def store_identity(study, identity: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Study-wide jobs
+# The command line every kind shares
 
 
-@contextlib.contextmanager
-def study_job(worker, study, name: str, key: Any):
-    """Claim the study-wide job `name` (the summary, the confirmation) for `key` (what it is done for). Yields
-    "mine" (this worker does it; a heartbeat keeps the claim alive, done is recorded at the end, a failure or an
-    interrupt releases it), "done" (already done for this key) or the worker id of the one doing it now. The
-    claim is taken under the study lock, so with N workers exactly one does the job."""
-    attr = f"sparknet.job.{name}"
-    stale_s = 2 * worker.heartbeat_s
-    with signals_deferred(), study_lock(worker.storage_url, worker.study_name):
-        c = study.user_attrs.get(attr)
-        if c and c.get("key") == key and c.get("done"):
-            state = "done"
-        elif c and not c.get("done") and c.get("by") != worker.worker and time.time() - c.get("beat", 0) < stale_s:
-            state = c["by"]
-        else:
-            state = "mine"
-            study.set_user_attr(attr, {"key": key, "by": worker.worker, "beat": time.time(), "done": False})
-    if state != "mine":
-        yield state
-        return
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(max(1.0, worker.heartbeat_s / 2)):
-            with contextlib.suppress(Exception):  # a blink of the database: the next beat retries
-                study.set_user_attr(attr, {"key": key, "by": worker.worker, "beat": time.time(), "done": False})
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"job-{name}")
-    thread.start()
-    done = False
-    try:
-        yield "mine"
-        done = True
-    finally:
-        stop.set()
-        thread.join()
-        with signals_deferred():
-            study.set_user_attr(attr, {"key": key, "by": worker.worker, "beat": time.time() if done else 0,
-                                       "done": done})
+def study_parser(module: str, doc: str, *, running: str, **flags: str) -> argparse.ArgumentParser:
+    """The parser of `python -m sparknet.<module>` (its description: the first line of `doc`) with the flags every
+    kind shares (`add_study_arguments(**flags)`); `running`: what is interrupted by Ctrl-C ("trial", "point")."""
+    ap = argparse.ArgumentParser(prog=f"python -m sparknet.{module}", description=doc.split("\n")[0],
+                                 epilog=f"Ctrl-C or SIGTERM: the running {running} is queued again and continues its "
+                                        f"checkpoints on the next run (exit 130).")
+    add_study_arguments(ap, **flags)
+    return ap
 
 
-# ---------------------------------------------------------------------------------------------
-# A worker of a study
-
-
-class Worker:
-    """The loop and the trial that sweeps and ablations share. A subclass (a dataclass) has the attributes
-    `study_name`, `storage_url`, `heartbeat_s`, `timeout_s`, `progress`, `objective`, `worker` and implements
-    `take`, `setup_trial` and `unbuildable_fix`; `report` and `record` are optional."""
-
-    # User attrs a trial queued again after an interrupt keeps (the run continues, so does its curve).
-    requeue_keep: tuple[str, ...] = ("val_loss_by_eval",)
-
-    # -- what a kind says ------------------------------------------------------------------------
-
-    def take(self, study):
-        """Under the study lock: the trial to run next (study.ask()), None to wait for trials running elsewhere,
-        or DONE when the study has every trial it wants."""
-        raise NotImplementedError
-
-    def setup_trial(self, study, trial, frozen, origin: int) -> RunConfig:
-        """The trial's config (print what it is); a SparknetError means its parameters cannot work."""
-        raise NotImplementedError
-
-    def report(self, trial, index: int, tokens: int, val: dict[str, float]) -> None:
-        """At evaluation `index` (not the final one), with every source's held-out loss: report, maybe prune."""
-
-    def trial_tags(self, trial) -> dict[str, str]:
-        return {}
-
-    def record(self, trial, out, metrics: dict[str, float], cfg: RunConfig) -> None:
-        """Anything else a completed trial keeps (user attrs), before it is told."""
-
-    def unbuildable_fix(self) -> str:
-        raise NotImplementedError
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    def work(self, study, storage, poll_s: float = 2.0) -> bool:
-        """Take trials until the study has all it wants (True) or the timeout passes (False)."""
-        deadline = time.time() + self.timeout_s if self.timeout_s else math.inf
-        parent = study.user_attrs.get("mlflow_parent_run_id")
-        unbuildable = 0
-        while time.time() < deadline:
-            trial = stop = None
-            try:
-                # Decide, take and start the heartbeat as one step: an interrupt waits for it, so a trial is never
-                # RUNNING without a heartbeat (nothing would ever fail it).
-                with signals_deferred():
-                    with study_lock(self.storage_url, self.study_name):
-                        for orphan in running_without_heartbeat(storage, study):
-                            # Its worker died between taking it and its first beat (before this lock was released):
-                            # one beat now, so that it goes stale after the grace period and is retried like the rest.
-                            storage.record_heartbeat(orphan)
-                        fail_stale_trials(study)  # a killed worker's trial: failed, then retried
-                        trial = self.take(study)
-                        if trial == DONE:
-                            return True
-                        if trial is not None:
-                            # Its first beat before the lock is released: Optuna never fails a RUNNING trial that has
-                            # no heartbeat at all, so a worker killed right after ask() would strand it forever.
-                            storage.record_heartbeat(trial._trial_id)
-                    if trial is not None:
-                        stop = start_heartbeat(storage, trial._trial_id, max(1.0, self.heartbeat_s / 2))
-            except KeyboardInterrupt:
-                if trial is not None and trial != DONE:
-                    if stop is not None:
-                        stop.set()
-                    self.abandon(study, trial, "interrupted before it started; queued again", retry=True)
-                raise
-            if trial is None:  # the last trials are running elsewhere: wait for them (they may die)
-                time.sleep(poll_s)
-                continue
-            try:
-                how = self.run_trial(study, trial, parent)
-            finally:
-                stop.set()
-            if how == "busy":  # its run trains in another process: give that one time before taking the next
-                time.sleep(poll_s)
-            unbuildable = unbuildable + 1 if how == "unbuildable" else 0
-            if unbuildable >= MAX_UNBUILDABLE_IN_A_ROW:
-                raise SparknetError(f"study {self.study_name}: {unbuildable} trials in a row had parameters the "
-                                    f"config rejects (see their reasons in the table: the last is trial "
-                                    f"{trial.number}) (fix: {self.unbuildable_fix()})")
-        print(f"timeout: stopping after {self.timeout_s:.0f} s; rerun the same command to continue", flush=True)
-        return False
-
-    def abandon(self, study, trial, reason: str, *, retry: bool) -> None:
-        """Mark a trial failed with its reason (and queue it again when `retry`): never left RUNNING. With a retry
-        both happen under the study lock, so no other worker decides in between on a study short of that trial."""
-        with signals_deferred():
-            with study_lock(self.storage_url, self.study_name) if retry else contextlib.nullcontext():
-                if study._storage.get_trial(trial._trial_id).state.is_finished():
-                    return  # failed as stale by another worker meanwhile (and queued again by Optuna's retry)
-                trial.set_user_attr("reason", reason[:1000])
-                tell(study, trial, state="FAIL")
-                if retry:
-                    requeue(study, study._storage.get_trial(trial._trial_id), keep_attrs=self.requeue_keep)
-
-    def run_trial(self, study, trial, parent_run_id: str | None) -> str:
-        """Train one trial and tell the study how it ended. Returns "complete", "pruned" or "unbuildable"
-        (its parameters make no valid config: failed, the worker goes on); an interrupt fails it and queues it
-        again (then re-raises); any other error fails it with the reason (then re-raises)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-
-        from sparknet.run import RunBusy, execute  # execute looked up per trial: tests replace it
-        from sparknet.train import Diverged
-
-        objective = self.objective
-        frozen = study._storage.get_trial(trial._trial_id)
-        origin = frozen.system_attrs.get("failed_trial", trial.number)
-        started = time.perf_counter()
-        stage = "building its config"
-        orphaned: list[int] = []  # non-empty once another worker has failed this trial as stale
-        if origin != trial.number:
-            copy = next((t.number for t in complete_trials(study) if t.system_attrs.get("completed_for") == origin),
-                        None)
-            if copy is not None:  # its original was thought dead, lived on and recorded its result
-                self.abandon(study, trial, f"a duplicate, not run: the run of trial {origin} finished, recorded as "
-                                           f"trial {copy}", retry=False)
-                return "duplicate"
-        try:
-            cfg = self.setup_trial(study, trial, frozen, origin)
-            every = cfg.eval.every_tokens
-            curve = dict(frozen.user_attrs.get("val_loss_by_eval", {}))
-
-            def on_eval(tokens: int, val: dict[str, float]) -> None:
-                if tokens >= cfg.mixture.total_tokens:  # the final evaluation is the result, not a report
-                    return
-                index = eval_index(tokens, every)
-                curve[str(index)] = val  # every source's loss: the study can be re-read against any objective
-                if orphaned:
-                    return
-                try:
-                    trial.set_user_attr("val_loss_by_eval", curve)
-                    self.report(trial, index, tokens, val)
-                except UpdateFinishedTrialError:
-                    # Another worker failed this trial as stale (this process was stopped or cut off from the
-                    # storage for longer than the grace period) while it still trains: the run goes on (its folder is
-                    # locked, so the retry did not train it twice) and its result is recorded as a copy at the end.
-                    orphaned.append(index)
-                    print(f"trial {trial.number}: failed as stale by another worker while still training here; "
-                          f"training on, the result will be recorded as a copy", flush=True)
-
-            tags = {"sparknet.study": self.study_name, "sparknet.trial": str(trial.number),
-                    "sparknet.objective": objective.name} | self.trial_tags(trial)
-            stage = "training"
-            out = execute(cfg, progress=self.progress, parent_run_id=parent_run_id, on_eval=on_eval, extra_tags=tags)
-            stage = f"measuring {objective.metric}"
-            metrics = objective.measure(out, cfg)
-        except (TrialPruned, Diverged) as exc:  # a bad config is a result: recorded, and the study goes on
-            if study._storage.get_trial(trial._trial_id).state.is_finished():  # failed as stale meanwhile
-                print(f"trial {trial.number} diverged after another worker failed it as stale: {exc}", flush=True)
-                return "pruned"
-            with signals_deferred():
-                trial.set_user_attr("reason", str(exc)[:1000])
-                tell(study, trial, state="PRUNED")
-            print(f"trial {trial.number} pruned: {exc}", flush=True)
-            return "pruned"
-        except KeyboardInterrupt as exc:
-            why = exc.args[0] if isinstance(exc, Interrupted) and exc.args else "Ctrl-C"
-            self.abandon(study, trial, f"interrupted by {why} while {stage}; queued again with the same parameters "
-                         f"(the next run continues its checkpoints)", retry=True)
-            print(f"trial {trial.number}: interrupted by {why}; queued again (rerun to continue it)", flush=True)
-            raise
-        except RunBusy as exc:
-            # The run this trial would train is training in another process: the trial it retries was failed as
-            # stale while its worker lives on. Not run twice: failed, and that worker records the result.
-            self.abandon(study, trial, f"not run: {exc}", retry=False)
-            print(f"trial {trial.number} not run: {exc}", flush=True)
-            return "busy"
-        except SparknetError as exc:
-            self.abandon(study, trial, f"{stage}: {exc}", retry=False)
-            if stage == "building its config":  # these parameters cannot work: the next trial may
-                print(f"trial {trial.number} failed: {exc}", flush=True)
-                return "unbuildable"
-            raise SparknetError(f"trial {trial.number} failed while {stage} (recorded as failed, not retried): "
-                                f"{exc}") from None
-        except BaseException as exc:
-            self.abandon(study, trial, f"{stage}: {type(exc).__name__}: {exc}", retry=False)
-            raise
-        value = metrics[objective.metric]
-        if out.mlflow_run_id and cfg.tracking.enabled:
-            self._log_to_child(cfg, out.mlflow_run_id, metrics)
-        with signals_deferred():
-            target = trial
-            now = study._storage.get_trial(trial._trial_id)
-            if orphaned or now.state.is_finished():
-                target = _CompleteCopy(now, curve)
-            target.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
-            if "wikitext-valid/bpb" in metrics:
-                target.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
-            target.set_user_attr("mlflow_run_id", out.mlflow_run_id or "")
-            target.set_user_attr("run_dir", str(out.run_dir))
-            target.set_user_attr("seconds", out.result["seconds"])  # training (steps, evaluations, checkpoints)
-            self.record(target, out, metrics, cfg)
-            target.set_user_attr("wall_seconds", time.perf_counter() - started)  # everything, setup and logging too
-            if target is trial:
-                tell(study, trial, value)
-            else:
-                with study_lock(self.storage_url, self.study_name):
-                    # Between the end of the run (its folder unlocked) and here, another worker may have taken the
-                    # run again and found it finished: then it is recorded already, and once is enough.
-                    twin = next((t.number for t in complete_trials(study)
-                                 if t.user_attrs.get("run_dir") == str(out.run_dir)), None)
-                    number = target.add_to(study, value) if twin is None else twin
-                print(f"trial {trial.number} was failed as stale by another worker while it trained here: its "
-                      f"result is recorded as trial {number}" + (", a complete copy" if twin is None else ""),
-                      flush=True)
-        print(f"trial {trial.number} complete: {objective.metric} {value:.4f}", flush=True)
-        return "complete"
-
-    def _log_to_child(self, cfg: RunConfig, run_id: str, metrics: dict[str, float]) -> None:
-        """The objective's own number on the trial's MLflow run (the run itself logs only val/loss)."""
-        from sparknet.tracking import log_to_run, resolve_uri
-
-        extra = {k: v for k, v in metrics.items() if not k.startswith("val/")}
-        if not extra:  # the held-out losses are the run's own metrics already
-            return
-        try:
-            log_to_run(resolve_uri(cfg.tracking.uri, cfg.lab_path), run_id, extra,
-                       tags={"sparknet.tuned_on": self.objective.tuned_on} if self.objective.tuned_on else None,
-                       timeout_s=cfg.tracking.timeout_s)
-        except SparknetError as exc:  # the study holds the value; MLflow missing it is not worth a failed trial
-            print(f"warning: {exc}", file=sys.stderr, flush=True)
-
-
-class _CompleteCopy:
-    """A finished trial's result, recorded as a new COMPLETE trial with the same parameters: for a trial that another
-    worker failed as stale while this one still trained it (a finished trial cannot change its state). It takes
-    `set_user_attr` as a trial does, so `Worker.record` fills it the same way."""
-
-    def __init__(self, frozen, curve: dict[str, Any]):
-        self.frozen = frozen
-        self.user_attrs = dict(frozen.user_attrs, val_loss_by_eval=curve)
-        self.user_attrs.pop("reason", None)  # the stale failure's reason is the original's, not this result's
-        self.number = frozen.number
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        self.user_attrs[key] = value
-
-    def add_to(self, study, value: float) -> int:
-        import optuna
-
-        # `completed_for`: the trial the chain of retries started from, so that a retry of it taken later is known as
-        # a duplicate (Worker.run_trial).
-        system = dict(self.frozen.system_attrs,
-                      completed_for=self.frozen.system_attrs.get("failed_trial", self.frozen.number))
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.COMPLETE, value=value, params=self.frozen.params,
-            distributions=self.frozen.distributions, user_attrs=self.user_attrs, system_attrs=system,
-            intermediate_values={int(k): v for k, v in self.frozen.intermediate_values.items()}))
-        return study.get_trials(deepcopy=False)[-1].number
+def add_study_arguments(ap: argparse.ArgumentParser, *, noun: str, proxy_default: str, study_default: str,
+                        keeps: str, confirm_what: str) -> None:
+    """--proxy-tokens, --study, --storage, --out, --timeout, --heartbeat, --confirm, --progress. `noun`: what a trial
+    is called ("trial", "run"); `keeps`: what a study keeps (for --study's help); `confirm_what`: what --confirm
+    trains."""
+    ap.add_argument("--proxy-tokens", default=proxy_default,
+                    help=f"training tokens per {noun} (default {proxy_default})")
+    ap.add_argument("--study", default=None,
+                    help=f"study name (default: {study_default}); a study keeps its {keeps}: reusing the name with "
+                         f"others is an error")
+    ap.add_argument("--storage", default=None,
+                    help="SQLAlchemy URL (default sqlite:///<lab>/optuna.db; postgresql://... for several machines)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="the folder the summary is written to (default experiments/<study>/, from where the command "
+                         "runs)")
+    ap.add_argument("--timeout", default=None, help=f"stop taking {noun}s after this long, e.g. 8h (default: none)")
+    ap.add_argument("--heartbeat", type=int, default=60,
+                    help=f"seconds between {noun} heartbeats; a {noun} silent for twice this is failed and retried")
+    ap.add_argument("--confirm", action="store_true",
+                    help=f"then train {confirm_what} at the full budget (one worker of the study does it)")
+    ap.add_argument("--progress", action="store_true", help=f"progress bars for each {noun}")
 
 
 def parse_budget(args, example: str) -> tuple[int, float | None]:
-    """The options every study command shares, checked: (proxy tokens per trial, --timeout in seconds or None).
-    `example` is the --proxy-tokens value the fix suggests (e.g. "20M")."""
+    """The shared flags checked first: (proxy tokens per trial, --timeout in seconds or None). `example` is the
+    --proxy-tokens value the fix suggests (e.g. "20M")."""
     from sparknet.config import parse_tokens
 
     if args.heartbeat < 1:
@@ -751,6 +503,16 @@ def parse_budget(args, example: str) -> tuple[int, float | None]:
     if proxy <= 0:
         raise SparknetError(f"--proxy-tokens: must be > 0 (fix: use e.g. {example})")
     return proxy, parse_duration(args.timeout)
+
+
+def study_settings(args, budget: tuple[int, float | None], base: RunConfig, default_name: str) -> dict[str, Any]:
+    """The shared flags as a StudyKind's fields: `budget` from `parse_budget`, the study's name (--study, else
+    `default_name`) and storage (default: the lab's SQLite file, `base`'s lab)."""
+    proxy, timeout = budget
+    return {"study_name": parse_study_name(args.study or default_name),
+            "storage_url": args.storage or default_storage(base.lab_path),
+            "out_dir": Path(args.out) if args.out else None, "proxy_tokens": proxy, "timeout_s": timeout,
+            "heartbeat_s": args.heartbeat, "progress": args.progress}
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -767,22 +529,3 @@ def parse_study_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise SparknetError(f"--study: {name!r} is not a safe name (fix: at most 64 letters, digits, '.', '_', '-')")
     return name
-
-
-def markdown_table(df, formats: dict[str, str] | None = None) -> str:
-    """A pandas frame as a markdown table: floats to 4 significant digits unless `formats` says otherwise."""
-    formats = formats or {}
-
-    def cell(col: str, v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        if isinstance(v, float):
-            return format(v, formats.get(col, ".4g"))
-        if isinstance(v, int) and not isinstance(v, bool) and col in formats:
-            return format(v, formats[col])
-        return str(v).replace("|", "/")
-
-    cols = list(map(str, df.columns))
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-    return head + "".join("\n| " + " | ".join(cell(c, v) for c, v in zip(cols, row)) + " |"
-                          for row in df.itertuples(index=False))

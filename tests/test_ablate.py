@@ -4,7 +4,11 @@ with two seeds that answers with a table, plots, a fitted-model verdict and a ru
 source raises that source's held-out loss (a real effect of the data) and every run's realized tokens per source
 equal its plan; a study that remembers what it is (and grows with --seeds); grid and random designs through the
 command; a worker killed mid-study and rerun, and two workers sharing one study, finishing exactly the planned
-runs; staged mixtures ablating one stage; and a one-line error (exit 2, nothing trained) for every bad design."""
+runs; staged mixtures ablating one stage; and a one-line error (exit 2, nothing trained) for every bad design.
+
+Every study writes its summary under the test's lab (`--out`, or the lab as the working directory), never into the
+checkout; each test builds the studies it reads (the leave-one-out study once per module, by the `loo` fixture, which
+the tests that read it only read), so the tests pass in any order."""
 
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ import random
 import re
 import subprocess
 import sys
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,9 +74,11 @@ def lab(tmp_path_factory, tiny_mixture):
 
 
 def args_for(lab: Path, study: str, *extra: str, design: str = "leave-one-out", storage: str | None = None,
-             mixture: str = "tri.yaml") -> list[str]:
+             mixture: str = "tri.yaml", out: bool = True) -> list[str]:
+    """The ablation's command line; `out`: --out <lab>/experiments/<study> (else the default, under the cwd)."""
     return [str(lab / mixture), "--design", design, "--proxy-tokens", str(PROXY), "--study", study, "--storage",
-            storage or f"sqlite:///{lab / 'optuna.db'}", *extra, f"lab_dir={lab}"]
+            storage or f"sqlite:///{lab / 'optuna.db'}", *(["--out", str(lab / "experiments" / study)] if out else []),
+            *extra, f"lab_dir={lab}"]
 
 
 def load(url: str, study: str):
@@ -81,12 +90,30 @@ def load(url: str, study: str):
 def keys(trials) -> list[tuple[int, int]]:
     """(point, seed) of each trial, from the fixed params it was queued with (a trial killed before it drew them has
     no params yet)."""
-    from sparknet.ablate import _key_of
+    from sparknet.ablate_report import key_of
 
-    return sorted(_key_of(t) for t in trials)
+    return sorted(key_of(t) for t in trials)
 
 
-def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_config(lab, monkeypatch, capsys):
+def loo_args(lab: Path) -> list[str]:
+    # The default objective: WikiText-2 validation bits per byte (a small file in its layout, as in test_sweep).
+    return args_for(lab, "loo", "--seeds", "2", f"eval.wikitext_path={lab / 'wikitext'}")
+
+
+@pytest.fixture(scope="module")
+def loo(lab):
+    """The leave-one-out study "loo" (4 points x 2 seeds), built once for the tests that read it (none of them
+    changes it): its printed output and its summary folder."""
+    out = StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out):
+        mp.chdir(lab)
+        mp.delenv("SPARKNET_WIKITEXT", raising=False)
+        code = main(loo_args(lab))
+    assert code == 0, out.getvalue()[-2000:]
+    return SimpleNamespace(out=out.getvalue(), folder=lab / "experiments" / "loo", url=f"sqlite:///{lab / 'optuna.db'}")
+
+
+def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_config(lab, loo, capsys):
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
@@ -94,12 +121,7 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
     from sparknet.mixture import build_plan
     from sparknet.run import main as run_main
 
-    monkeypatch.chdir(lab)
-    monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
-    # The default objective: WikiText-2 validation bits per byte (a small file in its layout, as in test_sweep).
-    argv = args_for(lab, "loo", "--seeds", "2", f"eval.wikitext_path={lab / 'wikitext'}")
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = loo.out
     url = f"sqlite:///{lab / 'optuna.db'}"
     study = load(url, "loo")
     assert len(study.trials) == 8 and all(t.state.name == "COMPLETE" for t in study.trials)
@@ -113,7 +135,7 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
         assert t.value == t.user_attrs["wikitext_valid_bpb"] and 0.5 < t.value < 10
         assert set(t.user_attrs["val_loss"]) == set(NAMES)  # every source's loss: any objective can be read later
 
-    folder = lab / "experiments" / "loo"
+    folder = loo.folder
     for name in ("README.md", "results.csv", "best.yaml", "loss_vs_weight.png", "objective.png"):
         assert (folder / name).stat().st_size > 0, name
     runs = pd.read_csv(folder / "results.csv")
@@ -171,7 +193,7 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
     assert all(r.data.params["mixture.total_tokens"] == str(PROXY) for r in children)
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"objective.png", "loss_vs_weight.png", "results.csv", "best.yaml", "README.md"} <= arts
-    assert out.count("wrote experiments/loo/") == 1
+    assert out.count(f"wrote {folder}/") == 1
 
 
 @pytest.mark.parametrize("change, message", [
@@ -182,12 +204,11 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
     (["train.lr=0.001"], "its recipe has train.lr=0.003, this command gives train.lr=0.001"),
     (["--seeds", "1"], "it has 2 seeds per point, this command asks for 1 (--seeds may grow, not shrink: --seeds 2)"),
 ])
-def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, monkeypatch, capsys, change, message):
+def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, loo, monkeypatch, capsys, change, message):
     monkeypatch.chdir(lab)
-    url = f"sqlite:///{lab / 'optuna.db'}"
-    readme = lab / "experiments" / "loo" / "README.md"
-    before, text = len(load(url, "loo").trials), readme.read_text()
-    argv = args_for(lab, "loo", "--seeds", "2", f"eval.wikitext_path={lab / 'wikitext'}")
+    readme = loo.folder / "README.md"
+    before, text = len(load(loo.url, "loo").trials), readme.read_text()
+    argv = loo_args(lab)
     changed = [*argv, *change]  # a later flag wins
     if "--design" in change:
         changed = [*argv]
@@ -195,25 +216,32 @@ def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, monkeypatch,
     assert main(changed) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --study loo: ") and message in err, err
-    assert len(load(url, "loo").trials) == before and readme.read_text() == text  # nothing trained or rewritten
+    assert len(load(loo.url, "loo").trials) == before and readme.read_text() == text  # nothing trained or rewritten
 
     assert main([*argv, "train.log_every_steps=3"]) == 0  # the same study (an operational override): nothing to do
-    assert "summary in experiments/loo/ was written by" in capsys.readouterr().out
-    assert len(load(url, "loo").trials) == before and readme.read_text() == text
+    assert f"summary in {loo.folder}/ was written by" in capsys.readouterr().out
+    assert len(load(loo.url, "loo").trials) == before and readme.read_text() == text
 
 
 def test_more_seeds_grow_the_study_by_their_runs_only(lab, monkeypatch, capsys):
+    """A study of one seed per point, then --seeds 2: only the new seed's runs train, and the summary is written again
+    (no --out: to experiments/grow/ under the working directory, the lab)."""
     monkeypatch.chdir(lab)
     url = f"sqlite:///{lab / 'optuna.db'}"
-    argv = args_for(lab, "loo", "--seeds", "3", f"eval.wikitext_path={lab / 'wikitext'}")
+    argv = args_for(lab, "grow", "--objective", "val", out=False)
     assert main(argv) == 0
+    readme = lab / "experiments" / "grow" / "README.md"
+    assert "(4 runs," in readme.read_text() and "One seed per point" in readme.read_text()
+    capsys.readouterr()
+    assert main([*argv, "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    study = load(url, "loo")
-    assert keys(study.trials) == [(p, s) for p in range(4) for s in (1337, 1338, 1339)]  # 4 new runs, seed 1339
-    assert out.count("complete: wikitext-valid/bpb") == 4 and "0 of 12 runs" not in out
-    assert study.user_attrs["sparknet.seeds"] == 3
-    readme = (lab / "experiments" / "loo" / "README.md").read_text()
-    assert "(12 runs," in readme and "--seeds 3" in readme and "over the 3 seeds" in readme
+    study = load(url, "grow")
+    assert keys(study.trials) == [(p, s) for p in range(4) for s in (1337, 1338)]  # 4 new runs, seed 1338
+    assert out.count("complete: val/loss") == 4 and "4 of 8 runs finished" in out
+    assert study.user_attrs["sparknet.seeds"] == 2
+    text = readme.read_text()
+    assert "(8 runs," in text and "--seeds 2" in text and "over the 2 seeds" in text and "--out" not in text
+    assert out.count("wrote experiments/grow/") == 1
 
 
 def _dry_points(capsys, argv) -> list[tuple[str, tuple[float, ...], tuple[int, ...]]]:
@@ -300,11 +328,10 @@ def test_a_held_out_slice_too_short_for_the_objective_fails_before_any_run(lab, 
     assert "33 of them read (eval.val_tokens 32), fewer than one window of train.seq_len + 1 = 65" in err
     assert "fix: raise mixture.val_tokens or eval.val_tokens, or choose another objective" in err
     assert not list((lab / "runs").glob("short-*")) if (lab / "runs").exists() else True  # nothing trained
-    if storage.exists():  # the study may not exist either: no queued run is left behind
-        import sqlite3 as db
+    if storage.exists():  # the storage is open, the study not created: no queued run is left behind
+        import optuna
 
-        with db.connect(storage) as con:
-            assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+        assert "short" not in optuna.get_all_study_names(f"sqlite:///{storage}")
 
 
 def test_a_source_too_small_for_a_point_fails_naming_the_point_before_any_run(lab, tmp_path, capsys):
@@ -354,8 +381,9 @@ def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, 
     assert "(stage 1): 3 points" in out  # base, without docs, without code (readmes has no weight in stage 1)
 
     points = design_points("leave-one-out", NAMES, base_weights(cfg, 1))
-    abl = Ablation(str(staged), "leave-one-out", points, NAMES, 1, [1337], PROXY, "st", "sqlite://",
-                   [f"lab_dir={lab}"], Objective.parse("val", NAMES))
+    abl = Ablation(mixture=str(staged), design="leave-one-out", points=points, names=NAMES, stage=1, seeds=[1337],
+                   proxy_tokens=PROXY, study_name="st", storage_url="sqlite://", base_overrides=[f"lab_dir={lab}"],
+                   objective=Objective.parse("val", NAMES))
     for i, p in enumerate(points):
         c = abl.point_config(i, 1337)
         stages = c.mixture.stage_list()
@@ -372,15 +400,17 @@ def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tm
     import sparknet.run
     from sparknet.ablate import Ablation
     from sparknet.config import load_config
+    from sparknet.locks import run_lock
     from sparknet.mixfit import design_points
     from sparknet.objective import Objective
-    from sparknet.run import run_dir_for, run_lock
+    from sparknet.run import run_dir_for
 
     mixture = str(lab / "tri.yaml")
     base = load_config(mixture, [f"lab_dir={lab}"])
     points = design_points("leave-one-out", NAMES, tuple(s.weight for s in base.mixture.sources))
-    abl = Ablation(mixture, "leave-one-out", points, NAMES, None, [base.train.seed], PROXY, "busy", "sqlite://",
-                   [f"lab_dir={lab}"], Objective.parse("val", NAMES))
+    abl = Ablation(mixture=mixture, design="leave-one-out", points=points, names=NAMES, seeds=[base.train.seed],
+                   proxy_tokens=PROXY, study_name="busy", storage_url="sqlite://", base_overrides=[f"lab_dir={lab}"],
+                   objective=Objective.parse("val", NAMES))
     held = run_dir_for(abl.point_config(1, base.train.seed))
     url = f"sqlite:///{tmp_path / 'busy.db'}"
     lock = run_lock(held)
@@ -410,14 +440,16 @@ def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tm
 def test_findings_say_what_the_table_says():
     import pandas as pd
 
-    from sparknet.ablate import Ablation, findings
+    from sparknet.ablate import Ablation
+    from sparknet.ablate_report import findings
     from sparknet.mixfit import design_points
     from sparknet.objective import Objective
 
     names = ("finepdfs", "dclm", "edu")
     points = design_points("leave-one-out", names, (0.5, 0.3, 0.2))
-    abl = Ablation("m.yaml", "leave-one-out", points, names, None, [1, 2, 3], 1000, "s", "sqlite://", [],
-                   Objective.parse("wikitext-valid", names))
+    abl = Ablation(mixture="m.yaml", design="leave-one-out", points=points, names=names, seeds=[1, 2, 3],
+                   proxy_tokens=1000, study_name="s", storage_url="sqlite://", base_overrides=[],
+                   objective=Objective.parse("wikitext-valid", names))
     rows = []
     for p, own, obj, sd in zip(points, (None, 3.91, 3.62, 3.35), (1.40, 1.432, 1.41, 1.399),
                                (0.004, 0.003, 0.005, 0.004)):
@@ -486,7 +518,7 @@ def test_two_workers_share_one_study_without_duplicates_and_one_confirms(lab, su
     assert keys(trials) == [(p, 1337) for p in range(6)]
     ran = [o.count(" complete: val/loss") for o in outs]
     assert sum(ran) == 6 and min(ran) >= 1, ran  # both workers trained, no point twice
-    assert sorted(o.count("wrote experiments/pair/") for o in outs) == [0, 1], outs  # one summary
+    assert sorted(o.count(f"wrote {lab / 'experiments' / 'pair'}/") for o in outs) == [0, 1], outs  # one summary
     assert sorted(o.count("confirming best.yaml") for o in outs) == [0, 1], outs  # one confirmation run
     client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
     mruns = client.search_runs([client.get_experiment_by_name("pair").experiment_id])

@@ -64,7 +64,7 @@ def test_the_largest_fitting_micro_batch_divides_the_share_and_is_the_largest():
 
 MEASURE = """
 import json
-from sparknet.device import measure_step_memory
+from sparknet.memory import measure_step_memory
 print(json.dumps([measure_step_memory(p, v, 128, mb) for p, v, mb in
                   [("cpu-small", 4096, 2), ("cpu-small", 4096, 8), ("cpu-tiny", 50257, 4)]]))
 """

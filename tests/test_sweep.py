@@ -2,7 +2,11 @@
 best_overrides.yaml reproduces); a study that remembers its budget, objective, space and recipe; an interrupt that
 leaves the trial resumable and a retry that continues the pruning steps; failures recorded, never left RUNNING; a
 worker killed mid-trial and rerun; two workers on a real PostgreSQL with one summary and one --confirm; pruning;
-the val/<source> and wikitext-valid objectives; clean errors for every bad space."""
+the val/<source> and wikitext-valid objectives; clean errors for every bad space; Optuna through its public API only.
+
+Every study writes its summary under the test's lab (`--out`, or the lab as the working directory), never into the
+checkout; each test builds the studies it reads (the 4-trial study once per module, by the `four` fixture, which the
+tests that read it only read), so the tests pass in any order."""
 
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tinylab import kill_mid_study
@@ -57,10 +64,18 @@ def lab(tmp_path_factory, tiny_mixture):
 
 
 def args_for(lab: Path, study: str, *extra: str, trials: int = 4, storage: str | None = None,
-             space: Path | None = None) -> list[str]:
+             space: Path | None = None, out: bool = True) -> list[str]:
+    """The sweep's command line; `out`: --out <lab>/experiments/<study> (else the default, under the cwd)."""
     return ["--mixture", str(lab / "tiny.yaml"), "--space", str(space or lab / "space.yaml"), "--trials", str(trials),
             "--proxy-tokens", "8192", "--study", study, "--storage", storage or f"sqlite:///{lab / 'optuna.db'}",
-            *extra, f"lab_dir={lab}"]
+            *(["--out", str(lab / "experiments" / study)] if out else []), *extra, f"lab_dir={lab}"]
+
+
+def storage_of(url: str):
+    """The study storage as Optuna's public RDBStorage (what another worker would open)."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
 
 
 def load(lab: Path, study: str, url: str | None = None):
@@ -79,20 +94,30 @@ def trial_states(url: str, study: str) -> dict[str, int]:
     return out
 
 
-def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(lab, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def four(lab):
+    """The 4-trial study "four", built once for the tests that read it (none of them changes it): its printed output
+    and its summary folder."""
+    out = StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out):
+        mp.chdir(lab)
+        code = main(args_for(lab, "four"))
+    assert code == 0, out.getvalue()[-2000:]
+    return SimpleNamespace(out=out.getvalue(), folder=lab / "experiments" / "four", url=f"sqlite:///{lab / 'optuna.db'}")
+
+
+def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(lab, four, capsys):
     from mlflow.tracking import MlflowClient
 
     from sparknet.run import main as run_main
-    from sparknet.sweep import overrides_args
+    from sparknet.sweep_space import overrides_args
 
-    monkeypatch.chdir(lab)
-    assert main(args_for(lab, "four")) == 0
-    out = capsys.readouterr().out
+    out = four.out
     study = load(lab, "four")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4 == len(study.trials)
     assert study.trials[0].user_attrs["baseline"] and study.trials[0].params["train.lr"] == pytest.approx(3e-3)
-    assert "baseline (trial 0)" in out and "best: trial" in out and out.count("wrote experiments/four/") == 1
+    assert "baseline (trial 0)" in out and "best: trial" in out and out.count(f"wrote {four.folder}/") == 1
     for t in study.trials:  # every source's loss at every evaluation: the study can be re-read for any objective
         assert set(t.user_attrs["val_loss_by_eval"]) <= {"0", "1", "2"} and t.user_attrs["val_loss_by_eval"]
         for step, value in t.intermediate_values.items():
@@ -120,8 +145,9 @@ def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(l
     assert {"optimization_history.png", "trials.csv", "best.yaml", "best_overrides.yaml"} <= arts
     assert parent[0].data.metrics["best_value"] == pytest.approx(study.best_value)
 
-    best = lab / "experiments" / "four" / "best.yaml"
-    assert best.exists() and (lab / "experiments" / "four" / "README.md").exists()
+    best = four.folder / "best.yaml"
+    assert best.exists() and (four.folder / "README.md").exists()
+    assert f"--out {four.folder}" in (four.folder / "README.md").read_text()  # the command that continues it
     assert run_main([str(best), "--dry-run"]) == 0  # sparknet.run accepts it as it is
     dry = capsys.readouterr().out
     assert "131,072 tokens" in dry  # the full budget, not the proxy
@@ -130,7 +156,7 @@ def test_four_trial_sweep_records_everything_and_writes_a_runnable_best_config(l
     assert cfg.train.min_lr == pytest.approx(0.1 * cfg.train.lr)  # the recipe's min/peak ratio is kept
     import yaml
 
-    overrides = yaml.safe_load((lab / "experiments" / "four" / "best_overrides.yaml").read_text())
+    overrides = yaml.safe_load((four.folder / "best_overrides.yaml").read_text())
     assert to_dict(load_config(lab / "tiny.yaml", overrides_args(overrides))) == to_dict(cfg)
 
 
@@ -145,37 +171,39 @@ def test_best_overrides_reproduce_best_yaml_with_real_config_keys_only(lab, tmp_
     import optuna
     import yaml
 
-    from sparknet.sweep import Sweep, finish, load_space, overrides_args, suggest
+    from sparknet.sweep import Sweep
+    from sparknet.sweep_space import load_space, overrides_args, suggest
 
     monkeypatch.chdir(tmp_path)
     space_file = tmp_path / "s.yaml"
     space_file.write_text(f"params:\n  {space_params}\n")
     base = [f"lab_dir={lab}", "model.n_embd=32"]  # the user's overrides are part of what best.yaml is
     space = load_space(space_file, lab / "tiny.yaml", base)
-    sweep = Sweep(str(lab / "tiny.yaml"), space, base, 1, 8192, "bo", "sqlite://", None, 60)
-    study = optuna.create_study(study_name="bo")  # in memory: finish() needs only the trials
+    sweep = Sweep(mixture=str(lab / "tiny.yaml"), space=space, base_overrides=base, n_trials=1, proxy_tokens=8192,
+                  study_name="bo", storage_url="sqlite://", out_dir=tmp_path / "bo")
+    study = optuna.create_study(study_name="bo")  # in memory: the summary needs only the trials
     study.enqueue_trial(params)  # as if the sampler had drawn them
     trial = study.ask()
     suggest(trial, space)
     study.tell(trial, 4.2)
-    finish(sweep, study, tmp_path)
-    written = yaml.safe_load((tmp_path / "experiments" / "bo" / "best_overrides.yaml").read_text())
+    sweep.summarize(study)
+    written = yaml.safe_load((tmp_path / "bo" / "best_overrides.yaml").read_text())
     assert "train.min_lr_ratio" not in written and written["train.min_lr"] == pytest.approx(min_lr, rel=1e-12)
     assert written["model.n_embd"] == 32 and written["lab_dir"] == str(lab)
-    best = load_config(tmp_path / "experiments" / "bo" / "best.yaml")
+    best = load_config(tmp_path / "bo" / "best.yaml")
     assert best.train.min_lr == pytest.approx(min_lr, rel=1e-12) and best.model.n_embd == 32
     assert to_dict(load_config(lab / "tiny.yaml", overrides_args(written))) == to_dict(best)
 
 
-def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, monkeypatch, capsys):
+def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, four, monkeypatch, capsys):
     monkeypatch.chdir(lab)
-    readme = lab / "experiments" / "four" / "README.md"
+    readme = four.folder / "README.md"
     before, text = trial_states(f"sqlite:///{lab / 'optuna.db'}", "four"), readme.read_text()
     mtime = readme.stat().st_mtime_ns
     assert main(args_for(lab, "four", "train.log_every_steps=5")) == 0  # an operational override: the same study
     assert trial_states(f"sqlite:///{lab / 'optuna.db'}", "four") == before
     assert readme.stat().st_mtime_ns == mtime and readme.read_text() == text
-    assert "summary in experiments/four/ was written by" in capsys.readouterr().out
+    assert f"summary in {four.folder}/ was written by" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
@@ -186,10 +214,10 @@ def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, mon
     (["SPACE"], "its space has train.lr: {\"high\": 0.01, \"log\": true, \"low\": 0.001, \"type\": \"float\"}, "
                 "this space has {\"high\": 0.02"),
 ])
-def test_a_study_remembers_what_it_is(lab, tmp_path, monkeypatch, capsys, change, message):
+def test_a_study_remembers_what_it_is(lab, four, tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(lab)
-    url = f"sqlite:///{lab / 'optuna.db'}"
-    readme = lab / "experiments" / "four" / "README.md"
+    url = four.url
+    readme = four.folder / "README.md"
     before, text = trial_states(url, "four"), readme.read_text()
     space = None
     if change == ["SPACE"]:
@@ -303,6 +331,7 @@ def test_a_trial_failed_as_stale_while_it_trains_is_not_trained_twice_and_its_re
     import optuna
 
     import sparknet.run
+    from sparknet.locks import RunBusy
 
     real = sparknet.run.execute
     seen = []
@@ -315,12 +344,14 @@ def test_a_trial_failed_as_stale_while_it_trains_is_not_trained_twice_and_its_re
                 seen.append(tokens)
                 # What another worker does when this one's heartbeat went stale: fail it, queue the retry.
                 study = load(lab, "stale")
-                (running,) = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
-                study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(
-                    study, study._storage.get_trial(running._trial_id))
+                (running,) = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                storage = storage_of(f"sqlite:///{lab / 'optuna.db'}")
+                trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    storage.get_study_id_from_name("stale"), running.number)
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, storage.get_trial(trial_id))
                 # ... and the retry, started meanwhile, finds the run folder in use.
-                with pytest.raises(sparknet.run.RunBusy, match=r"in use by pid \d+ on .*training this config"):
+                with pytest.raises(RunBusy, match=r"in use by pid \d+ on .*training this config"):
                     real(cfg, progress=False)
             on_eval(tokens, val)
 
@@ -384,8 +415,9 @@ def test_pruning_stops_a_deliberately_bad_space(lab, monkeypatch):
     bad = lab / "bad_space.yaml"
     bad.write_text(SPACE.replace("low: 1.0e-3, high: 1.0e-2", "low: 1.0e-7, high: 1.0e-6")
                    .replace("n_startup_trials: 2, n_warmup_steps: 1", "n_startup_trials: 1, n_warmup_steps: 0"))
-    monkeypatch.chdir(lab)
-    assert main(args_for(lab, "bad", "train.lr=1.0e-6", "train.min_lr=1.0e-7", space=bad)) == 0
+    monkeypatch.chdir(lab)  # no --out: the summary goes to experiments/bad/ under the working directory
+    assert main(args_for(lab, "bad", "train.lr=1.0e-6", "train.min_lr=1.0e-7", space=bad, out=False)) == 0
+    assert (lab / "experiments" / "bad" / "best.yaml").exists()
     trials = load(lab, "bad").trials
     assert trials[0].state.name == "COMPLETE" and trials[0].params["train.lr"] == pytest.approx(1e-6)
     pruned = trials[1:]
@@ -521,7 +553,7 @@ def test_two_workers_share_one_study_on_postgresql_and_one_of_them_concludes(lab
     ran = [o.count(" complete: val/loss") + o.count(" pruned: ") for o in outs]
     assert sum(ran) == 3 and min(ran) >= 1, ran  # both workers did work, 3 trials in all
     # The end happens once: one worker writes the summary and trains the confirmation, the other says so.
-    assert sorted(o.count("wrote experiments/pg/") for o in outs) == [0, 1], outs
+    assert sorted(o.count(f"wrote {lab / 'experiments' / 'pg'}/") for o in outs) == [0, 1], outs
     assert sorted(o.count("confirming trial") for o in outs) == [0, 1], outs
     client = MlflowClient(tracking_uri=f"sqlite:///{lab / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pg").experiment_id])
@@ -605,3 +637,40 @@ def test_unreachable_storage_is_a_clear_error(lab, capsys):
     assert main(args_for(lab, "x", storage="postgresql://nobody@127.0.0.1:9/optuna")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot open the Optuna storage" in err and "lab/postgres.sh" in err
+
+
+def test_the_studies_use_optunas_public_api_only():
+    """No private Optuna attribute (study._storage, trial._trial_id, study._study_id, ...) and no SQL on Optuna's own
+    tables in the study modules: what they need goes through Study, Trial, FrozenTrial and RDBStorage's public
+    methods (see sparknet/study_storage.py), so an Optuna upgrade that keeps its API keeps the studies working."""
+    import re
+
+    private = re.compile(r"\.(_storage|_trial_id|_study_id|_cached_frozen_trial|_get_stale_trial_ids)\b"
+                         r"|\b(trial_heartbeats|trial_values|FROM trials)\b")
+    for name in ("study.py", "study_storage.py", "study_worker.py", "sweep.py", "sweep_space.py", "ablate.py",
+                 "ablate_report.py"):
+        text = (ROOT / "sparknet" / name).read_text()
+        assert not private.search(text), f"sparknet/{name}: {private.search(text).group(0)}"
+
+
+def test_a_trial_without_a_heartbeat_of_its_own_gets_one(tmp_path):
+    """Optuna never fails a RUNNING trial that has no heartbeat, and has no public way to ask whether one has: a
+    worker marks its trial's first beat (a system attr holding the trial's own number), and the next worker gives one
+    beat to every RUNNING trial without its own mark. A retry carries the original's mark (Optuna copies the system
+    attrs), which is not its own."""
+    import optuna
+
+    from sparknet.study_storage import FIRST_BEAT, TrialIds, first_beat, open_storage, rescue_unbeaten
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'beats.db'}", 60)
+    study = optuna.create_study(study_name="beats", storage=storage)
+    ids = TrialIds(storage, study)
+    beating = study.ask()
+    first_beat(ids, beating.number)
+    study.ask()  # taken, never beaten: its worker died in between
+    storage.set_trial_state_values(ids(beating.number), optuna.trial.TrialState.FAIL)  # stale, as fail_stale_trials
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, storage.get_trial(ids(beating.number)))
+    retry = study.ask()
+    assert storage.get_trial(ids(retry.number)).system_attrs[FIRST_BEAT] == beating.number  # the original's mark
+    rescue_unbeaten(study, ids)
+    assert {t.number: t.system_attrs.get(FIRST_BEAT) for t in study.trials} == {0: 0, 1: 1, 2: 2}
