@@ -426,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SparknetError("--design: required (fix: --design leave-one-out, single-source, grid:0.25, random:16 or "
                             "a YAML file of weight vectors)")
     if args.seeds < 1:
-        raise SparknetError(f"--seeds: must be >= 1, got {args.seeds}")
+        raise SparknetError(f"--seeds: must be >= 1, got {args.seeds} (fix: --seeds 2 gives each point a spread)")
     if args.design_seed < 0:
-        raise SparknetError(f"--design-seed: must be >= 0, got {args.design_seed}")
+        raise SparknetError(f"--design-seed: must be >= 0, got {args.design_seed} (fix: --design-seed 0)")
     budget = parse_budget(args, "20M")
     base = load_config(args.mixture, args.overrides)  # bad mixture/overrides fail here, before anything starts
     names = tuple(s.name for s in base.mixture.sources)

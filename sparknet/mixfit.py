@@ -48,6 +48,9 @@ def _label(names: tuple[str, ...], w: tuple[float, ...]) -> str:
     return " ".join(f"{n}{round(x * 100)}" for n, x in zip(names, w) if x > 0)
 
 
+MAX_POINTS = 10_000  # a design's points are training runs: more is a typo, not a study
+
+
 def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], *, seed: int = 0,
                   where: str = "--design") -> list[Point]:
     """The points of `design` over sources `names` with base weights `base`; SparknetError for a bad design."""
@@ -84,18 +87,17 @@ def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], 
                                 f"0.25, 0.2 or 0.1)")
         k = int(k)
         count = math.comb(k + n - 1, n - 1)
-        if count > 10_000:
+        if count > MAX_POINTS:
             raise SparknetError(f"{where}: {design!r}: {count:,} points over {n} sources (fix: a coarser step)")
-        pts = []
-        for combo in itertools.product(range(k + 1), repeat=n):
-            if sum(combo) == k:
-                w = tuple(c / k for c in combo)
-                pts.append(Point(_label(names, w), w))
+        pts = [Point(_label(names, w), w) for w in (tuple(c / k for c in combo) for combo in _compositions(k, n))]
         return sorted(pts, key=lambda p: tuple(-x for x in p.weights))
     if design.startswith("random:"):
         text = design.split(":", 1)[1]
         if not text.isdigit() or int(text) < 1:
             raise SparknetError(f"{where}: {design!r}: expected random:N with N >= 1 (fix: e.g. random:32)")
+        if int(text) > MAX_POINTS:
+            raise SparknetError(f"{where}: {design!r}: more than {MAX_POINTS:,} points, each a training run (fix: "
+                                f"random:32 to random:256 is a night's study)")
         rng = np.random.default_rng([seed, 0x6D6978])  # "mix": the design's own stream
         draws = rng.dirichlet(np.ones(n), size=int(text))
         return [Point(f"random {i}", _normalized(w)) for i, w in enumerate(draws)]
@@ -104,6 +106,17 @@ def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], 
         return _points_from_file(path, names)
     raise SparknetError(f"{where}: unknown design {design!r} (fix: leave-one-out, single-source, grid:STEP, "
                         f"random:N, or a YAML file of weight vectors)")
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write `total` as `parts` non-negative integers, in lexicographic order: only the grid's points
+    are visited (a walk over every (total + 1) ** parts tuple takes minutes for 10 sources)."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
 
 
 def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
@@ -120,14 +133,17 @@ def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
     for i, item in enumerate(items):
         at = f"{path}: points[{i}]"
         weights = item.get("weights") if isinstance(item, dict) and "weights" in item else item
+        if isinstance(item, dict) and "name" in item and "weights" not in item:
+            weights = None  # {name: ...} alone: the short form {source: weight} has no `name`
         if not isinstance(weights, dict) or not weights:
-            raise SparknetError(f"{at}: expected weights: {{source: weight, ...}}")
+            raise SparknetError(f"{at}: has no weights (fix: give it weights: {{source: weight, ...}} over "
+                                f"{', '.join(names)})")
         for key, v in weights.items():
             if key not in names:
                 raise SparknetError(f"{at}.weights.{key}: no source named {key!r} (fix: use one of "
                                     f"{', '.join(names)})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise SparknetError(f"{at}.weights.{key}: must be a number >= 0, got {v!r}")
+                raise SparknetError(f"{at}.weights.{key}: must be a number >= 0, got {v!r} (fix: e.g. 0.25)")
         w = np.array([float(weights.get(n, 0.0)) for n in names])
         if abs(w.sum() - 1.0) > 1e-6:
             raise SparknetError(f"{at}.weights: sum to {w.sum():g}, not 1 (fix: make them sum to 1; sources not "

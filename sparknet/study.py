@@ -39,10 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sparknet import atomic
 from sparknet.config import RunConfig, to_dict
-from sparknet.errors import SparknetError
+from sparknet.errors import ArgumentParser, SparknetError
 from sparknet.objective import Objective
+from sparknet.prepare import check_lab
 from sparknet.study_storage import (
+    check_storage_url,
     counts,
     create_study,
     default_storage,
@@ -111,7 +114,7 @@ class StudyKind:
     @property
     def out(self) -> Path:
         """The folder the summary is written to."""
-        return Path(self.out_dir) if self.out_dir is not None else Path("experiments") / self.study_name
+        return out_folder(self.out_dir, self.study_name)
 
     # -- the lifecycle's hooks -------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ def run_study(kind: StudyKind, *, confirm: bool) -> int:
     """Create or load the study, work on it until it has every trial it wants (or --timeout), then conclude."""
     quiet_optuna()
     with interrupt_handlers():
+        check_out_folder(kind.out, kind.study_name, kind.storage_url)
         storage = open_storage(kind.storage_url, kind.heartbeat_s)
         existing = find_study(kind.study_name, storage)
         if existing is not None:  # a rerun: a different question is an error before anything is prepared
@@ -266,8 +270,36 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
         return summary
 
 
+def out_folder(out: str | Path | None, study_name: str) -> Path:
+    """--out, else experiments/<study>/ from where the command runs."""
+    return Path(out) if out else Path("experiments") / study_name
+
+
+OWNER_FILE = ".study.json"  # in a study's folder: which study (name and storage) its files are the answer of
+
+
+def _owner(study_name: str, storage_url: str) -> dict[str, str]:
+    return {"study": study_name, "storage": redact(storage_url)}
+
+
+def check_out_folder(out: Path, study_name: str, storage_url: str) -> None:
+    """The study's folder is its own: one written by a study of the same name in another storage (another lab, a
+    PostgreSQL database) is refused before anything runs, never overwritten. A folder without an owner file (written
+    before folders recorded one) is taken as this study's."""
+    try:
+        owner = json.loads((out / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if owner != _owner(study_name, storage_url):
+        raise SparknetError(f"--out {out}: holds the answer of study {owner.get('study')!r} at "
+                            f"{owner.get('storage')}, not of this one at {redact(storage_url)} (fix: --out DIR "
+                            f"for this study's files, or --study another name)")
+
+
 def write_summary(kind: StudyKind, study) -> dict:
-    """The kind's summary into its folder, then the parent run closed with it."""
+    """The kind's summary into its folder (claimed first with its owner file), then the parent run closed with it."""
+    check_out_folder(kind.out, kind.study_name, kind.storage_url)
+    atomic.write_json(kind.out / OWNER_FILE, _owner(kind.study_name, kind.storage_url))
     s = kind.summarize(study)
     _close_parent(kind, study, s)
     print(f"wrote {kind.out}/ ({s.written})", flush=True)
@@ -459,8 +491,8 @@ def store_identity(study, identity: dict[str, Any]) -> None:
 def study_parser(module: str, doc: str, *, running: str, **flags: str) -> argparse.ArgumentParser:
     """The parser of `python -m sparknet.<module>` (its description: the first line of `doc`) with the flags every
     kind shares (`add_study_arguments(**flags)`); `running`: what is interrupted by Ctrl-C ("trial", "point")."""
-    ap = argparse.ArgumentParser(prog=f"python -m sparknet.{module}", description=doc.split("\n")[0],
-                                 epilog=f"Ctrl-C or SIGTERM: the running {running} is queued again and continues its "
+    ap = ArgumentParser(prog=f"python -m sparknet.{module}", description=doc.split("\n")[0],
+                        epilog=f"Ctrl-C or SIGTERM: the running {running} is queued again and continues its "
                                         f"checkpoints on the next run (exit 130).")
     add_study_arguments(ap, **flags)
     return ap
@@ -495,7 +527,7 @@ def parse_budget(args, example: str) -> tuple[int, float | None]:
     from sparknet.config import parse_tokens
 
     if args.heartbeat < 1:
-        raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat}")
+        raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat} (fix: --heartbeat 60)")
     try:
         proxy = parse_tokens(args.proxy_tokens)
     except ValueError as exc:
@@ -509,8 +541,19 @@ def study_settings(args, budget: tuple[int, float | None], base: RunConfig, defa
     """The shared flags as a StudyKind's fields: `budget` from `parse_budget`, the study's name (--study, else
     `default_name`) and storage (default: the lab's SQLite file, `base`'s lab)."""
     proxy, timeout = budget
-    return {"study_name": parse_study_name(args.study or default_name),
-            "storage_url": args.storage or default_storage(base.lab_path),
+    if not args.storage:  # the lab's own database: its folder is made here (any other must exist already)
+        check_lab(base.lab_path)
+        base.lab_path.mkdir(parents=True, exist_ok=True)
+    else:
+        check_storage_url(args.storage)
+    if base.train.batch_tokens > proxy:  # a trial's budget is the proxy's: it must hold one optimizer step
+        t = base.train
+        raise SparknetError(f"--proxy-tokens {proxy:,}: less than one optimizer step of train.batch_tokens "
+                            f"{t.batch_tokens:,} (fix: --proxy-tokens {t.batch_tokens:,} or more, or lower "
+                            f"train.batch_tokens to at most {proxy // t.seq_len * t.seq_len:,})")
+    name, url = parse_study_name(args.study or default_name), args.storage or default_storage(base.lab_path)
+    check_out_folder(out_folder(args.out, name), name, url)
+    return {"study_name": name, "storage_url": url,
             "out_dir": Path(args.out) if args.out else None, "proxy_tokens": proxy, "timeout_s": timeout,
             "heartbeat_s": args.heartbeat, "progress": args.progress}
 

@@ -84,14 +84,44 @@ def _engine(url: str):
 
 
 def default_storage(lab: Path) -> str:
+    """The lab's own study database."""
     return f"sqlite:///{(lab / 'optuna.db').resolve()}"
+
+
+def check_sqlite_folder(url: str) -> None:
+    """A SQLite storage's folder must exist (`study_settings` makes the lab's, for the default storage): a typo in
+    --storage must not create a new, empty study database somewhere else, even at the filesystem root."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if not str(path) or path.is_dir():
+        raise SparknetError(f"--storage {url}: names a folder, not a database file (fix: sqlite:///lab/optuna.db)")
+    if not path.parent.is_dir():
+        raise SparknetError(f"--storage {url}: the folder {path.parent} does not exist (fix: create it, or correct the "
+                            f"path; the default is sqlite:///<lab>/optuna.db)")
+
+
+def check_storage_url(url: str) -> None:
+    """Before anything is prepared: a URL SQLAlchemy can parse, of a database it has a driver for, and for SQLite a
+    folder that exists. Cheap (nothing is connected), so a typo costs no tokenization first."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise SparknetError(f"--storage {redact(url)}: not a database URL SQLAlchemy can use ({exc}) (fix: "
+                            f"sqlite:///lab/optuna.db, or postgresql://USER@HOST/DB with the postgres extra)") from None
+    except ImportError as exc:  # the dialect is known, its driver is not installed
+        raise SparknetError(f"--storage {redact(url)}: its database driver is not installed ({exc}) (fix: "
+                            f"pip install -e '.[postgres]' for PostgreSQL)") from None
+    if url.startswith("sqlite:///"):
+        check_sqlite_folder(url)
 
 
 def open_storage(url: str, heartbeat_s: int):
     import optuna
 
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_folder(url)
     try:
         with study_lock(url, "__storage__"):  # table creation on a fresh database must not race
             return optuna.storages.RDBStorage(

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="finished trials the study should end with (default 20)")
     args = ap.parse_intermixed_args(argv)
     if args.trials < 1:
-        raise SparknetError(f"--trials: must be >= 1, got {args.trials}")
+        raise SparknetError(f"--trials: must be >= 1, got {args.trials} (fix: --trials 20)")
     budget = parse_budget(args, "50M")
     # The defaults live in the repo: found from any working directory.
     mixture = args.mixture if Path(args.mixture).exists() or args.mixture != DEFAULT_MIXTURE else str(ROOT / DEFAULT_MIXTURE)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinylab import tiny_mixture
+from tinylab import ROOT, tiny_mixture
 
 # (id, command, arguments, substrings the one line must hold); every line must also hold "fix".
 CASES: list[tuple[str, str, list[str], list[str]]] = [
@@ -95,6 +95,53 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
      ["corrupt.db", "not an MLflow database"]),
     ("wikitext-path", "run", ["{mix}", "eval.wikitext=[hf-strided-512]", "eval.wikitext_path={tmp}/no-wikitext", "--dry-run"],
      ["no-wikitext"]),
+    # --- sweep
+    ("sweep-flag", "sweep", ["--mixture", "{mix}", "--bogus"], ["--bogus"]),
+    ("sweep-trials-zero", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--trials", "0"], ["--trials", ">= 1"]),
+    ("sweep-trials-word", "sweep", ["--mixture", "{mix}", "--trials", "x"], ["--trials"]),
+    ("sweep-no-space", "sweep", ["--mixture", "{mix}", "--space", "{tmp}/nospace.yaml"], ["nospace.yaml"]),
+    ("sweep-space-field", "sweep", ["--mixture", "{mix}", "--space", "{tmp}/badspace.yaml"], ["badspace.yaml", "train.lr", "kind"]),
+    ("sweep-objective", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--objective", "accuracy"],
+     ["--objective", "accuracy"]),
+    ("sweep-objective-source", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--objective", "val/poems"],
+     ["poems"]),
+    ("sweep-proxy-word", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--proxy-tokens", "lots"],
+     ["--proxy-tokens"]),
+    ("sweep-proxy-zero", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--proxy-tokens", "0"],
+     ["--proxy-tokens"]),
+    ("sweep-proxy-under-step", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--proxy-tokens", "100"],
+     ["--proxy-tokens", "optimizer step"]),
+    ("sweep-timeout", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--timeout", "soon"], ["--timeout"]),
+    ("sweep-heartbeat", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--heartbeat", "0"], ["--heartbeat"]),
+    ("sweep-study-name", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--study", "../x"], ["--study"]),
+    ("sweep-storage-folder", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--storage",
+                                       "sqlite:////nonexistent/dir/optuna.db"], ["--storage", "does not exist"]),
+    ("sweep-storage-scheme", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--storage", "foo://x"],
+     ["--storage"]),
+    ("sweep-mixture-missing", "sweep", ["--mixture", "{tmp}/nope.yaml", "--space", "{space}"], ["nope.yaml"]),
+    ("sweep-override", "sweep", ["--mixture", "{mix}", "--space", "{space}", "train.lr=abc"], ["train.lr=abc"]),
+    ("sweep-out-taken", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--study", "mine", "--out",
+                                  "{tmp}/taken"], ["--out", "taken", "another"]),
+    # --- ablate
+    ("ablate-flag", "ablate", ["{mix}", "--design", "leave-one-out", "--bogus"], ["--bogus"]),
+    ("ablate-no-mixture", "ablate", [], ["MIXTURE"]),
+    ("ablate-mixture-missing", "ablate", ["{tmp}/nope.yaml", "--design", "leave-one-out"], ["nope.yaml"]),
+    ("ablate-design", "ablate", ["{mix}", "--design", "halves"], ["--design", "halves"]),
+    ("ablate-grid-step", "ablate", ["{mix}", "--design", "grid:0.3"], ["grid:0.3", "divide"]),
+    ("ablate-grid-huge", "ablate", ["{mix}", "--design", "grid:0.0001"], ["grid:0.0001", "points"]),
+    ("ablate-random-zero", "ablate", ["{mix}", "--design", "random:0"], ["random:0"]),
+    ("ablate-random-huge", "ablate", ["{mix}", "--design", "random:99999999"], ["random:99999999"]),
+    ("ablate-design-file", "ablate", ["{mix}", "--design", "{tmp}/nodesign.yaml"], ["nodesign.yaml"]),
+    ("ablate-design-no-weights", "ablate", ["{mix}", "--design", "{tmp}/noweights.yaml"],
+     ["noweights.yaml", "points[0]", "no weights"]),
+    ("ablate-design-source", "ablate", ["{mix}", "--design", "{tmp}/poems.yaml"], ["poems"]),
+    ("ablate-design-sum", "ablate", ["{mix}", "--design", "{tmp}/half.yaml"], ["sum"]),
+    ("ablate-seeds", "ablate", ["{mix}", "--design", "leave-one-out", "--seeds", "0"], ["--seeds"]),
+    ("ablate-design-seed", "ablate", ["{mix}", "--design", "leave-one-out", "--design-seed", "-1"], ["--design-seed"]),
+    ("ablate-stage", "ablate", ["{mix}", "--design", "leave-one-out", "--stage", "1"], ["--stage"]),
+    ("ablate-objective", "ablate", ["{mix}", "--design", "leave-one-out", "--objective", "accuracy"], ["--objective"]),
+    ("ablate-proxy", "ablate", ["{mix}", "--design", "leave-one-out", "--proxy-tokens", "0"], ["--proxy-tokens"]),
+    ("ablate-storage", "ablate", ["{mix}", "--design", "leave-one-out", "--storage", "sqlite:////nonexistent/dir/optuna.db"], ["--storage"]),
     # --- compare
     ("compare-flag", "compare", ["--bogus"], ["--bogus"]),
     ("compare-evaluate-choice", "compare", ["--evaluate", "bad"], ["--evaluate", "invalid choice"]),
@@ -151,9 +198,20 @@ def scene(tmp_path_factory):
         {"name": n, "kind": "local", "path": str(scratch / "data.jsonl"), "weight": 0.5} for n in "ab"]})
     (scratch / "twice.yaml").write_text(yaml.safe_dump(twice))
     (scratch / "corrupt.db").write_bytes(b"this is not a database" * 100)
+    space = yaml.safe_load((ROOT / "experiments" / "default_space.yaml").read_text())
+    (scratch / "space.yaml").write_text(yaml.safe_dump(space))
+    bad = dict(space)
+    bad["params"] = dict(space["params"]) | {"train.lr": {"low": 1e-3, "kind": "log"}}
+    (scratch / "badspace.yaml").write_text(yaml.safe_dump(bad))
+    (scratch / "noweights.yaml").write_text("points:\n  - name: a\n")
+    (scratch / "poems.yaml").write_text("points:\n  - name: a\n    weights: {poems: 1.0}\n")
+    (scratch / "half.yaml").write_text("points:\n  - name: a\n    weights: {docs: 0.25, code: 0.25}\n")
+    (scratch / "taken").mkdir()
+    (scratch / "taken" / ".study.json").write_text('{"study": "mine", "storage": "postgresql://elsewhere/db"}')
     plain = scratch / "plain-file"
     plain.write_text("not a folder")
-    return {"mix": str(mix), "lab": str(lab), "tmp": str(scratch), "file": str(plain), "space": ""}
+    return {"mix": str(mix), "lab": str(lab), "tmp": str(scratch), "file": str(plain),
+            "space": str(scratch / "space.yaml")}
 
 
 def _fill(args: list[str], scene: dict[str, str]) -> list[str]:
