@@ -94,7 +94,7 @@ echo "== peak memory of a training step: gpt2-70m, micro-batch 24 x 1024, bf16 (
 for mode in eager compiled; do
   flag=""; [ "$mode" = compiled ] && flag=--compile
   set +e
-  "$PY" -m sparknet.device memory --preset gpt2-70m --vocab 50257 --seq-len 1024 --micro 24 --device cuda $flag \
+  "$PY" -m sparknet.memory --preset gpt2-70m --vocab 50257 --seq-len 1024 --micro 24 --device cuda $flag \
     > "$OUT/memory-$mode.json" 2> "$OUT/memory-$mode.log"
   rc=$?
   set -e

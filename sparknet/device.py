@@ -11,22 +11,21 @@
 - Memory: an estimate of a training step's peak from the model's shape (`estimate_memory`), the largest micro-batch
   that fits (`largest_fitting`), the one-line error a CUDA out-of-memory becomes (`oom_message`), and
   `train.micro_batch_size=auto` (`fit_micro_batch`: the estimate's pick, probed once with a forward+backward).
-- `python -m sparknet.device memory ...` measures a step's peak (CUDA: max_memory_allocated; CPU: peak RSS) beside
-  the estimate: the test suite checks the estimate with it on the CPU, scripts/bench_gpu.sh on a GPU.
+- Measuring a step's peak beside the estimate is sparknet.memory's (`python -m sparknet.memory ...`): it trains with
+  sparknet.train's optimizer and compile step, and sparknet.train imports this module, so it lives above both.
 
 Only the standard library (and sparknet.errors) is imported at module level; torch is imported where it is used.
+This module imports no sparknet module that imports it (sparknet.train, sparknet.memory, sparknet.run are above it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +103,32 @@ def config_shape(cfg, vocab: int | None = None):
 # ---------------------------------------------------------------------------------------------
 # No silent CPU fallback.
 
-# The CPU's training speed, per thread, for the refusal below. 60 GFLOP/s is what one core of this project's 2-core
-# EPYC CI machine reached training cpu-small (6,256 tokens/s x 9.48 MFLOP/token = 59 GFLOP/s, README "Benchmarks"),
-# a fast core for the job; most CPU cores reach less. So the estimate is on the short side: a refusal is never
-# premature, and a borderline run is let through. Fixed, not measured per run: a 1024^3 fp32 matmul probe on this
-# shared machine read between 2 and 41 GFLOP/s within a minute, and a refusal must not depend on the neighbours' load.
-CPU_FLOPS_PER_THREAD = 60e9
-# More than this on the CPU with train.device=auto is refused (the 70M model's 1B tokens: ~44 days on 2 threads).
-# The quickstart (cpu-small, 1M tokens: ~80 s) and the tests' tiny runs (seconds) are far below it.
+# The CPU's training speed, for the estimates of a run's time on the CPU (--dry-run's ETA, the refusal above
+# CPU_LIMIT_S, the warning under CPU_SHORT_S): the run's FLOPs (6N + attention, as for MFU) at CPU_FLOPS, plus
+# CPU_STEP_S per optimizer step (AdamW, the batch reader, Python's dispatch: most of a tiny model's step).
+#
+# Calibrated 2026-12-06 on this project's 2-core AMD EPYC (KVM) machine, beside the other work that always runs there
+# (load 1-3): sparknet.train's median step period over 5-100 steps (the first left out), in tokens/s, on 1 torch
+# thread / on 2 (torch's default here), against this estimate:
+#   cpu-tiny   vocab    512, seq   64:  26.3k-30.0k / 7.6k-35.9k         estimate 25.4k
+#   cpu-small  vocab  4,096, seq  256:  3.49k-3.54k / 2.98k-5.86k        estimate 4.69k  (the quickstart: 4.8k-6.1k)
+#   cpu-small  vocab 50,257, seq  256:  665 / 947                        estimate 997
+#   gpt2-70m   vocab  4,096, seq  128:  209-225 / 181-440                estimate 181    (the issue's 262,144-token run
+#                                                                                         took 29 min: 150; estimate 24)
+#   gpt2-70m   vocab 50,257, seq  128:  98-99 / 90-151                   estimate 115
+# Whole runs of `python -m sparknet.run` (2 threads, load ~1): cpu-small 81,920 tokens in 18 s (estimate 17 s);
+# gpt2-70m at 128, 12,288 tokens in 36 s (estimate 68 s: a quiet machine lets the second thread work).
+# The estimate is within ~30% of each row's median; single runs swing by 2x and more with the neighbours' load. The
+# old rate, 60 GFLOP/s per thread (120 here), held only for one quiet thread: a second thread bought anything from
+# -75% to +100% as the other work came and went (an OpenMP region waits for its descheduled thread), so the issue's
+# run took 29 min where 120 GFLOP/s said 9. So the rate counts this machine's 2 threads as one and grows with threads
+# beyond 2 (CPU_FLOPS / 2 per thread there: an assumption, not measured: on a many-core machine the estimate is
+# rougher). Fixed, not measured per run: a 1024^3 fp32 matmul probe on this shared machine read between 2 and 41
+# GFLOP/s within a minute, and a refusal must not depend on the neighbours' load.
+CPU_FLOPS = 45e9
+CPU_STEP_S = 0.01
+# More than this on the CPU with train.device=auto is refused (the 70M model's 1B tokens: ~118 days here).
+# The quickstart (cpu-small, 1M tokens: ~4 min) and the tests' tiny runs (seconds) are far below it.
 CPU_LIMIT_S = 4 * 3600
 # On a machine with a GPU that torch cannot use, a run this short still trains on the CPU (with a warning): the
 # quickstart and the test suite keep working with a CPU wheel on a GPU box; anything longer stops.
@@ -125,8 +142,19 @@ def cpu_threads(world: int = 1) -> int:
     return max(1, min(torch.get_num_threads() * world, os.cpu_count() or 1))
 
 
-def cpu_seconds(flops: float, threads: int) -> float:
-    return flops / (threads * CPU_FLOPS_PER_THREAD)
+def cpu_flops(threads: int) -> float:
+    """The training FLOP/s of `threads` CPU threads, all processes together (see CPU_FLOPS)."""
+    return CPU_FLOPS * max(1.0, threads / 2)
+
+
+def cpu_seconds(cfg, threads: int, shape=None) -> tuple[float, float]:
+    """(seconds, FLOPs) of training `cfg` on this CPU with `threads` threads: its FLOPs at `cpu_flops(threads)` plus
+    CPU_STEP_S per optimizer step. `shape`: the model's (default: from the config, GPT-2's or the BPE's vocab)."""
+    shape = shape or config_shape(cfg)
+    tokens = cfg.mixture.total_tokens
+    flops = shape.flops_per_token(cfg.train.seq_len) * tokens
+    steps = -(-tokens // cfg.train.batch_tokens)
+    return flops / cpu_flops(threads) + steps * CPU_STEP_S, flops
 
 
 def visible_gpu() -> str | None:
@@ -178,14 +206,10 @@ def check_cpu_fallback(cfg, world: int = 1) -> str | None:
     A GPU on the machine (nvidia-smi, /dev/nvidia*) means no, unless the run is short (the quickstart, tests): a
     SparknetError naming the torch build and the fix, or for a short run a warning line to print. Without a GPU, a
     run estimated above CPU_LIMIT_S is refused with the estimate. `train.device=cpu` skips all of this."""
-    shape = config_shape(cfg)
-    tokens = cfg.mixture.total_tokens
-    flops = shape.flops_per_token(cfg.train.seq_len) * tokens
     threads = cpu_threads(world)
-    seconds = cpu_seconds(flops, threads)
-    est = (f"~{format_seconds(seconds)} for {tokens:,} tokens of {cfg.model.preset} ({flops:.3g} FLOPs at "
-           f"~{threads * CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s: {threads} thread(s) x "
-           f"{CPU_FLOPS_PER_THREAD / 1e9:.0f}, an optimistic CPU rate)")
+    seconds, flops = cpu_seconds(cfg, threads)
+    est = (f"~{format_seconds(seconds)} for {cfg.mixture.total_tokens:,} tokens of {cfg.model.preset} ({flops:.3g} "
+           f"FLOPs at ~{cpu_flops(threads) / 1e9:.0f} GFLOP/s on {threads} thread(s), a measured CPU rate)")
     gpu = visible_gpu()
     if gpu:
         what = f"this machine has {gpu} but {no_cuda_message()}"
@@ -475,9 +499,9 @@ def device_report(cfg, shape, world: int, info: DeviceInfo | None = None) -> lis
         else:
             lines.append(f"eta: {info.name} is not in the peak table (set train.peak_flops for MFU and an estimate)")
     else:
-        secs = cpu_seconds(flops, info.threads)
-        lines.append(f"eta on this CPU (an optimistic estimate): ~{format_seconds(secs)} for "
-                     f"{cfg.mixture.total_tokens:,} tokens at ~{info.threads * CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s")
+        secs, _ = cpu_seconds(cfg, info.threads, shape)
+        lines.append(f"eta on this CPU (an estimate at a measured CPU rate): ~{format_seconds(secs)} for "
+                     f"{cfg.mixture.total_tokens:,} tokens at ~{cpu_flops(info.threads) / 1e9:.0f} GFLOP/s")
     return lines
 
 
@@ -610,114 +634,3 @@ def _probe_step(cfg, vocab: int, micro_batch: int, device, autocast) -> bool:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the probe's blocks back, so the run's allocator starts clean
     return ok
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring a step's peak memory (the test suite on the CPU, scripts/bench_gpu.sh on a GPU).
-
-
-def _rss_kib(field: str) -> int:
-    m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(m[1]) if m else 0
-
-
-def measure_step_memory(preset: str, vocab: int, seq_len: int, micro_batch: int, device: str = "cpu",
-                        compile: bool = False, steps: int = 2, accum: int = 2, n_positions: int | None = None) -> dict:
-    """Train `steps` optimizer steps of `accum` micro-batches (as sparknet's loop does: autocast bf16 on CUDA, the
-    fused loss unless compiled, fused AdamW, clipping) and return the peak bytes they took beside the estimate.
-
-    CUDA: torch.cuda.max_memory_allocated after the model is built (the allocator's own count: weights included,
-    context excluded). CPU: the growth of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
-    resident set before the model existed; run it in a fresh process, with MALLOC_MMAP_THRESHOLD_ fixed so that
-    glibc returns freed tensors to the system at once (otherwise its heap keeps them and the peak RSS overstates
-    the live peak)."""
-    import time
-
-    import torch
-
-    from sparknet.config import ModelConfig, TrainConfig
-    from sparknet.model import GPTShape, build_model
-    from sparknet.train import _maybe_compile, build_optimizer
-
-    dev = torch.device(device)
-    model_cfg = ModelConfig(preset=preset, n_positions=n_positions)
-    shape = GPTShape.from_config(model_cfg, vocab)
-    on_cuda = dev.type == "cuda"
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=gen) for _ in range(accum)]
-    batches = [b.to(dev) for b in batches]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else (lambda: torch.autocast(
-        "cpu", enabled=False))
-
-    def run(model, fwd, optimizer, batches, steps: int) -> None:
-        for _ in range(steps):
-            for b in batches:
-                with autocast():
-                    nll = fwd(b[:, :-1], b[:, 1:])
-                (nll.sum() / (len(batches) * b.numel())).backward()
-                del nll
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    if not on_cuda:
-        # One step at one short sequence first, then freed: the process's fixed costs of a first step (kernel code
-        # paged in, oneDNN's JIT, the thread pool, ~80 MB here) are not the step's memory and go into the baseline.
-        warm = build_model(model_cfg, vocab, 1337)
-        run(warm, warm, build_optimizer(warm, TrainConfig(), dev), [batches[0][:1, :9]], 2)
-        del warm
-    if on_cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        base = _rss_kib("VmRSS") * 1024
-    model = build_model(model_cfg, vocab, 1337).to(dev)
-    optimizer = build_optimizer(model, TrainConfig(), dev)
-    if compile and on_cuda:
-        note = configure_ptxas(torch.cuda.get_device_capability(dev))  # as make_accelerator does for a run
-        if note:
-            print(note, file=sys.stderr)
-    fwd, compiled = (_maybe_compile(model, model, "on", dev, (batches[0][:, :-1], batches[0][:, 1:]), autocast)
-                     if compile else (model, False))
-    t0 = time.perf_counter()
-    run(model, fwd, optimizer, batches, steps)
-    if on_cuda:
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-    else:
-        peak = _rss_kib("VmHWM") * 1024 - base
-    seconds = time.perf_counter() - t0
-    est = estimate_memory(shape, seq_len, micro_batch, bf16=on_cuda, compiled=compiled)
-    return {"preset": preset, "vocab": vocab, "seq_len": seq_len, "micro_batch": micro_batch, "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if on_cuda else _cpu_name(), "compiled": compiled,
-            "accum": accum, "steps": steps, "seconds": seconds, "measured_bytes": int(peak),
-            "estimate_bytes": est.total, "ratio": peak / est.total, "estimate": dataclasses.asdict(est)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m sparknet.device",
-                                 description="measure a training step's peak memory beside sparknet's estimate")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("memory", help="train a few steps and print measured vs estimated peak memory as JSON")
-    m.add_argument("--preset", default="gpt2-70m")
-    m.add_argument("--vocab", type=int, default=50257)
-    m.add_argument("--seq-len", type=int, default=1024)
-    m.add_argument("--n-positions", type=int, default=None)
-    m.add_argument("--micro", type=int, default=24)
-    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    m.add_argument("--compile", action="store_true")
-    m.add_argument("--steps", type=int, default=2)
-    m.add_argument("--accum", type=int, default=2)
-    args = ap.parse_args(argv)
-    r = measure_step_memory(args.preset, args.vocab, args.seq_len, args.micro, args.device, args.compile,
-                            args.steps, args.accum, args.n_positions)
-    print(json.dumps(r))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

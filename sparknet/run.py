@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,6 +192,45 @@ class RunOutcome:
     already_done: bool = False
 
 
+def preflight(cfg: RunConfig) -> None:
+    """What a run needs that can be checked in milliseconds, before any lock, store or process group: a budget that
+    holds one optimizer step, a lab folder it can write, a tracking store it can use, and the local WikiText-2 copy
+    it will score on. `--dry-run` checks the same."""
+    from sparknet.prepare import check_lab
+    from sparknet.tracking import check_target, resolve_uri
+
+    cfg.check_trainable()
+    check_lab(cfg.lab_path)
+    if cfg.tracking.enabled:
+        where = "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI" if os.environ.get(
+            "MLFLOW_TRACKING_URI") else "the lab's MLflow store"
+        check_target(resolve_uri(cfg.tracking.uri, cfg.lab_path), where=where, lab=cfg.lab_path)
+    if cfg.eval.wikitext and cfg.eval.wikitext_path:
+        from sparknet.evaluate import find_local_file
+
+        try:
+            find_local_file(cfg.eval.wikitext_path, "test")  # what the end of the run scores
+        except SparknetError as exc:
+            raise SparknetError(f"eval.wikitext_path: {exc}") from None
+
+
+def resume_difference(run_dir: Path, cfg: RunConfig) -> str:
+    """How `cfg` differs from the config an unfinished run in `run_dir` was started with, in what it measures or
+    where it records (eval.*, tracking.experiment), as "eval.val_tokens: then 2048, now 4096; ..."; "" when the same.
+    The run's identity (its folder) holds what changes the weights; these do not, so they must be compared here, or
+    a resume would silently mix two measurements in one run."""
+    import yaml
+
+    try:
+        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    now = to_dict(cfg)
+    pairs = [(f"eval.{k}", (then.get("eval") or {}).get(k), now["eval"][k]) for k in now["eval"]]
+    pairs.append(("tracking.experiment", (then.get("tracking") or {}).get("experiment"), now["tracking"]["experiment"]))
+    return "; ".join(f"{key}: then {a!r}, now {b!r}" for key, a, b in pairs if a is not None and _plain(a) != _plain(b))
+
+
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,
             on_eval=None, fault=None, extra_tags: dict[str, str] | None = None) -> RunOutcome:
     """Prepare the data, train (or resume), evaluate and record one run. Used by the CLI and the sweep. The main
@@ -198,6 +238,7 @@ def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, paren
     # The launcher's rank, read before any process group exists (torchrun and accelerate launch set RANK).
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = run_dir_for(cfg)
+    preflight(cfg)
     with run_lock(run_dir) if is_main else contextlib.nullcontext():
         return _execute(cfg, run_dir, is_main, fresh=fresh, progress=progress, parent_run_id=parent_run_id,
                         on_eval=on_eval, fault=fault, extra_tags=extra_tags)
@@ -229,6 +270,10 @@ def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progr
 
                 replay_pending(run_dir, timeout_s=cfg.tracking.timeout_s)
             return RunOutcome(run_dir, state["result"], state.get("mlflow_run_id"), already_done=True)
+        changed = resume_difference(run_dir, cfg)
+        if changed:
+            raise SparknetError(f"{run_dir}: this unfinished run was started with other settings ({changed}) (fix: "
+                                f"rerun with the run's settings to resume it, or --fresh to train again with these)")
 
     # Prepare before the process group exists: streaming 1B tokens takes tens of minutes, far past any
     # collective's timeout, so no process may wait for it in a barrier. Each process takes the lab's prepare
@@ -248,7 +293,6 @@ def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progr
     tracker = open_tracker(cfg.tracking.enabled, cfg.tracking.uri, experiment, cfg.lab_path, run_dir,
                            timeout_s=cfg.tracking.timeout_s, parent_run_id=parent_run_id) if is_main \
         else NullTracker(None)
-    import yaml
 
     from sparknet.tracking import flatten
 
@@ -261,20 +305,13 @@ def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progr
         run_id = tracker.start(flatten(to_dict(cfg)), tags, run_name=run_dir.name,
                                resume_run_id=state.get("mlflow_run_id") if state.get("mlflow_uri") == tracker.uri
                                else None)
-        state.update({"status": "running", "config_hash": config_hash(cfg), "mlflow_run_id": run_id,
-                      "mlflow_uri": tracker.uri, "experiment": experiment, "started": state.get("started", time.time())})
-        _write_state(run_dir, state)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run_dir / "mixture_report.json").write_text(json.dumps(prepared.to_dict(), indent=1))
-        (run_dir / "mixture_report.txt").write_text(format_report(prepared) + "\n")
-        for name in ("config.yaml", "mixture_report.json", "mixture_report.txt"):
-            tracker.log_artifact(run_dir / name)
-        if tracker.url:
-            print(f"tracking: {tracker.url}", flush=True)
-
     try:
+        if is_main:
+            _record_start(cfg, run_dir, state, tracker, run_id, experiment, prepared)
         result = train(cfg, prepared, accelerator, run_dir, tracker, on_eval=on_eval, progress=progress,
                        fault=fault)
+        if is_main:
+            _record_finish(cfg, run_dir, result, prepared, accelerator, tracker, state)
     except Diverged as exc:
         if is_main:
             state.update(status="diverged", error=str(exc))
@@ -301,30 +338,51 @@ def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progr
     finally:
         accelerator.free_memory()  # the accelerator is process-wide: drop this run's model (a sweep runs many)
 
-    if is_main:
-        final = run_dir / "final"
-        tmp = run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for f in Path(result.checkpoint).iterdir():
-            if f.name not in ("trainer.safetensors", "trainer_state.json"):
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        result.final_model = str(final)
-        result_dict = result.to_dict() | score_wikitext(cfg, final, prepared, accelerator, tracker, result.steps)
-        (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
-        tracker.log_artifact(run_dir / "result.json")
-        _finish_artifacts(cfg, run_dir, tracker)
-        if cfg.tracking.log_model:
-            tracker.log_artifact(final, "model")
-        tracker.set_tags({"sparknet.final_model": str(final.resolve())})
-        tracker.end("FINISHED")
-        state.update(status="finished", result=result_dict, finished=time.time())
-        _write_state(run_dir, state)
     # No barrier after the training: the main process alone scores WikiText-2 and uploads to MLflow (minutes
     # at real scale), and the other processes, done, must not wait for it under the collective timeout.
     return RunOutcome(run_dir, state.get("result") or result.to_dict(), state.get("mlflow_run_id"))
+
+
+def _record_start(cfg: RunConfig, run_dir: Path, state: dict, tracker, run_id, experiment: str, prepared) -> None:
+    """The run's state, config and mixture report in its folder and on its MLflow run."""
+    import yaml
+
+    from sparknet.prepare import format_report
+
+    state.update({"status": "running", "config_hash": config_hash(cfg), "mlflow_run_id": run_id,
+                  "mlflow_uri": tracker.uri, "experiment": experiment, "started": state.get("started", time.time())})
+    _write_state(run_dir, state)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "mixture_report.json").write_text(json.dumps(prepared.to_dict(), indent=1))
+    (run_dir / "mixture_report.txt").write_text(format_report(prepared) + "\n")
+    for name in ("config.yaml", "mixture_report.json", "mixture_report.txt"):
+        tracker.log_artifact(run_dir / name)
+    if tracker.url:
+        print(f"tracking: {tracker.url}", flush=True)
+
+
+def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator, tracker, state: dict) -> None:
+    """The final model exported beside the checkpoints, scored on WikiText-2, and the run recorded as finished."""
+    final = run_dir / "final"
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in Path(result.checkpoint).iterdir():
+        if f.name not in ("trainer.safetensors", "trainer_state.json"):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    result.final_model = str(final)
+    result_dict = result.to_dict() | score_wikitext(cfg, final, prepared, accelerator, tracker, result.steps)
+    (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
+    tracker.log_artifact(run_dir / "result.json")
+    _finish_artifacts(cfg, run_dir, tracker)
+    if cfg.tracking.log_model:
+        tracker.log_artifact(final, "model")
+    tracker.set_tags({"sparknet.final_model": str(final.resolve())})
+    tracker.end("FINISHED")
+    state.update(status="finished", result=result_dict, finished=time.time())
+    _write_state(run_dir, state)
 
 
 def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, step: int) -> dict:
@@ -420,6 +478,10 @@ def dry_run(cfg: RunConfig, num_processes: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = mixture_cli("python -m sparknet.run", __doc__.split("\n")[0], "train.lr=3e-4")
@@ -432,10 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     if args.processes is not None and args.processes < 1:
-        raise SparknetError(f"--processes: must be >= 1, got {args.processes}")
+        raise SparknetError(f"--processes: must be >= 1, got {args.processes} (fix: --processes 1, or the number of "
+                            f"GPUs the run will use)")
     if args.dry_run:
+        preflight(cfg)
         print(dry_run(cfg, args.processes))
         return 0
+    # SIGTERM (a scheduler's stop, `kill`, torchrun ending its workers) takes the Ctrl-C path: the run's MLflow run
+    # ends KILLED and its state "interrupted", its lock is released, and a rerun resumes from the last checkpoint.
+    signal.signal(signal.SIGTERM, _terminate)
     if cfg.train.device == "auto":  # before preparing (tens of minutes at 1B tokens): refuse an accidental CPU run now
         import torch
 

@@ -2,6 +2,10 @@
 
     train(cfg, prepared, accelerator, run_dir, tracker) -> TrainResult
 
+`_train` is the loop as it runs, top to bottom: set up (data, model, AdamW, the checkpoint to resume from), then per
+optimizer step the step itself, then logging, evaluation and checkpointing when due, and at the end the final
+evaluation and checkpoint. Each part is a function of its own, in that order in this file.
+
 What it does per optimizer step: set the LR from the schedule (a pure function of the step), run this
 process's micro-batches of the step (gradients synchronized across processes only on the last one), clip,
 step AdamW, all-reduce the step's loss statistics, stop if the previous step diverged (its loss is read
@@ -20,28 +24,27 @@ runs of one config agree up to float summation order (tested).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import queue
-import random
-import shutil
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from sparknet.checkpoint import agree_on_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
 from sparknet.config import RunConfig, TrainConfig
 from sparknet.data import IGNORE_INDEX, Loader
 from sparknet.device import fit_micro_batch, is_oom, lookup_peak, oom_message
 from sparknet.errors import RunFailed, SparknetError
-from sparknet.model import GPT, build_model, export_hf
+from sparknet.model import GPT, build_model
 from sparknet.prepare import Prepared
 from sparknet.tracking import NullTracker
 
@@ -107,111 +110,6 @@ class Diverged(RunFailed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: <run_dir>/checkpoints/step-00001234/ = an HF checkpoint (model.safetensors, config.json,
-# tokenizer) + trainer.safetensors (exact padded weights, AdamW moments, RNG) + trainer_state.json.
-# Written into a temp dir and renamed, so a kill leaves the previous checkpoint intact. No pickles.
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-_CPU = torch.device("cpu")
-
-
-def agree_on_resume_point(step: int, checkpoint: str, run_dir: Path) -> None:
-    """Every process must resume from the same checkpoint. Each reads `run_dir` on its own machine, and processes on
-    nodes that do not share the lab's filesystem see different folders (rank 0 writes the checkpoints): a rank that
-    starts at step 0 while the others resume would train on other data with other weights, silently. One all-gather
-    of (step, checkpoint, host); a disagreement fails every process with the same one-line error."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    import socket
-
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (step, checkpoint or "no checkpoint", socket.gethostname()))
-    if len({(s, c) for s, c, _ in seen}) > 1:
-        which = "; ".join(f"rank {r} on {h}: {c}" for r, (_, c, h) in enumerate(seen))
-        raise SparknetError(f"{run_dir}: the processes would resume from different points ({which}): nodes that do "
-                            f"not share the lab's filesystem see different run folders (fix: put lab_dir on a "
-                            f"filesystem every node mounts, or copy {run_dir} to every node before resuming)")
-
-
-def save_checkpoint(root: Path, model: GPT, optimizer, state: dict, tokenizer_hf, keep: int,
-                    device: torch.device = _CPU) -> Path:
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_hf(model, tmp, tokenizer_hf, eos_token_id=state.get("eos_token_id"))
-    tensors = {f"model.{k.removeprefix('_orig_mod.')}": v.detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for key, val in st.items():
-            tensors[f"optim.{idx}.{key}"] = (val if torch.is_tensor(val) else torch.tensor(val)).detach().cpu()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if device.type == "cuda":
-        # This process's own device only: a checkpoint written on an 8-GPU box must restore on a 1-GPU one.
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    np_state = np.random.get_state()
-    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    meta = dict(state, param_groups=opt["param_groups"], rng_python=random.getstate(),
-                rng_numpy=[np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
-    _fsync_tree(tmp)
-    if final.exists():  # the same step checkpointed again (e.g. the end of a resumed finished run)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(root, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.name.startswith("step-") and
-                   (p / "trainer_state.json").exists()), key=lambda p: p.name)
-
-
-def load_checkpoint(path: Path, model: GPT, optimizer, device: torch.device = _CPU) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "trainer.safetensors"))
-    meta = json.loads((path / "trainer_state.json").read_text())
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        saved = tensors["rng.cuda"]
-        if saved.dim() == 2:  # older checkpoints hold every visible GPU's state: take the writer's first one
-            saved = saved[0]
-        torch.cuda.set_rng_state(saved, device)
-    kind, pos, has_gauss, cached = meta["rng_numpy"]
-    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = meta["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation while training: per-source held-out loss and greedy samples (main process only).
 
 
@@ -260,7 +158,9 @@ def greedy_samples(model: GPT, tokenizer, prompts: tuple[str, ...], num_tokens: 
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# The loop. `_train` is the whole of it, top to bottom; the functions after it come in the order it calls them:
+# set-up (_set_up, _resume, _start), one optimizer step (_step, _micro_batches), what the step ends with (_due,
+# _check_pending, _log, _evaluate, _checkpoint), the end (_finish). What one step hands the next lives in a `_Run`.
 
 
 def _batches(loader: Loader, start_step: int, rank: int, device: torch.device):
@@ -368,242 +268,364 @@ def _train(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, track
 
     on_eval(tokens, val_losses) is called after each evaluation (the sweep reports and prunes there).
     fault(step, loss_tensor) -> loss_tensor lets tests inject a NaN; None in real runs."""
+    run = _set_up(cfg, prepared, accelerator, run_dir, tracker or NullTracker(run_dir), on_eval)
+    _start(run, progress)
+    # Step k's batches are a pure function of k: a resumed run reads on from its checkpoint's step.
+    batches = _batches(run.loader, run.step, run.rank, run.device) if run.step < run.num_steps else iter(())
+    run.model_ddp.train()
+    while run.step < run.num_steps:
+        _step(run, batches, fault)
+        log_due, eval_due, ckpt_due = _due(run)
+        if log_due or eval_due or ckpt_due:  # (log_due includes the last step)
+            _check_pending(run)  # nothing is logged, evaluated or checkpointed past an unchecked loss
+        if log_due:
+            _log(run)
+        if eval_due:
+            # Due at multiples of eval.every_tokens, kept in the checkpointed state: a resumed run evaluates where the
+            # uninterrupted one would.
+            run.state["next_eval_tokens"] = (run.tokens // cfg.eval.every_tokens + 1) * cfg.eval.every_tokens
+            _evaluate(run)
+        if ckpt_due:
+            _checkpoint(run)
+    return _finish(run)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One process's run: what the set-up built, and what the loop carries from one step to the next."""
+
+    cfg: RunConfig
+    prepared: Prepared
+    accelerator: Any
+    run_dir: Path
+    tracker: NullTracker
+    on_eval: Callable[[int, dict[str, float]], None] | None
+    device: torch.device
+    rank: int
+    world: int
+    is_main: bool
+    loader: Loader
+    model: GPT
+    optimizer: torch.optim.AdamW
+    # Everything a resumed run needs beside the weights, AdamW and the RNG: a fresh run's, or its checkpoint's.
+    state: dict
+    # Set by _start: the model as the micro-batches run it (accelerate's wrap: DDP; maybe compiled), and for logging.
+    model_ddp: Any = None
+    fwd: Any = None
+    autocast: Any = None
+    hf_tok: Any = None  # the tokenizer each checkpoint exports (main process only)
+    flops_per_token: float = 0.0
+    peak: float | None = None  # the device's dense bf16 FLOP/s for MFU (None: not reported)
+    bar: Any = None
+    # The counters (_start sets them from the state).
+    step: int = 0
+    tokens: int = 0
+    start_step: int = 0  # the same on every rank (each read the same checkpoint: agree_on_resume_point)
+    per_source_tokens: torch.Tensor | None = None
+    recent: deque = field(default_factory=deque)  # the divergence guard's recent step losses
+    seconds_before: float = 0.0  # training seconds of the sessions before this one
+    session_start: float = 0.0
+    paused: float = 0.0  # seconds spent evaluating/checkpointing, excluded from throughput
+    last_ckpt_time: float = 0.0
+    last_ckpt_tokens: int = 0
+    interval: torch.Tensor | None = None
+    interval_start: float = 0.0
+    interval_tokens: int = 0
+    lr: float = 0.0  # the last step's
+    grad_norm: torch.Tensor | None = None  # the last step's, on the device
+    last: dict = field(default_factory=dict)  # what the last logging interval measured
+    pending: tuple[int, int, torch.Tensor] | None = None  # (step, tokens before it, loss): not yet checked
+    val_losses: dict[str, float] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+
+    @property
+    def t(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def num_steps(self) -> int:
+        return self.loader.num_steps
+
+    @property
+    def names(self) -> list[str]:
+        return self.prepared.plan.source_names
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.prepared.plan.source_names)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def source_tokens(self) -> list[int]:
+        return [round(v) for v in self.per_source_tokens.tolist()]
+
+
+def _set_up(cfg: RunConfig, prepared: Prepared, accelerator, run_dir: Path, tracker: NullTracker,
+            on_eval) -> _Run:
+    """The data, the model and AdamW, restored from the newest checkpoint in `run_dir` if there is one."""
     t = cfg.train
-    tracker = tracker or NullTracker(run_dir)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
+    device, world = accelerator.device, accelerator.num_processes
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, norms) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     loader = prepared.loader(world)  # a SparknetError when the global batch does not split over `world`
-    accum = loader.grad_accum_steps
-    num_steps = loader.num_steps
-    names = prepared.plan.source_names
-    num_sources = len(names)
-
     model = build_model(cfg.model, prepared.tokenizer.vocab_size, t.seed).to(device)
     optimizer = build_optimizer(model, t, device)
-    ckpt_root = run_dir / "checkpoints"
-    state = {"step": 0, "tokens": 0, "tokens_per_source": [0] * num_sources, "seconds": 0.0,
+    state = {"step": 0, "tokens": 0, "tokens_per_source": [0] * len(prepared.plan.source_names), "seconds": 0.0,
              "recent_losses": [], "next_eval_tokens": cfg.eval.every_tokens,
              "plan_sha256": prepared.plan.fingerprint(), "eos_token_id": prepared.tokenizer.eot_id,
              "batch_tokens": t.batch_tokens, "world_size": world}
-    existing = list_checkpoints(ckpt_root)
+    run = _Run(cfg, prepared, accelerator, run_dir, tracker, on_eval, device, accelerator.process_index, world,
+               accelerator.is_main_process, loader, model, optimizer, state)
+    _resume(run)
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Load the newest checkpoint, if any, into the model, AdamW, the RNG and `run.state`. It must have been written
+    for this data plan and this global batch: step k's data and LR are functions of both."""
+    existing = list_checkpoints(run.ckpt_root)
     # Before any collective that depends on the step (DDP's wrap, the compile warm-up): ranks that disagree would
     # otherwise wait in different collectives.
     agree_on_resume_point(int(existing[-1].name.split("-")[-1]) if existing else 0,
-                          existing[-1].name if existing else "", run_dir)
-    if existing:
-        state = load_checkpoint(existing[-1], model, optimizer, device)
-        if state["plan_sha256"] != prepared.plan.fingerprint():
-            raise SparknetError(f"{existing[-1]}: checkpoint was written for a different data plan (fix: "
-                                f"rerun with --fresh, or delete {run_dir})")
-        if state.get("batch_tokens") != t.batch_tokens:
-            # Step k's data and LR are functions of the global batch: resuming under another one would skip or
-            # repeat data and bend the schedule. (Checkpoints from before it was recorded are refused too.)
-            raise SparknetError(f"{existing[-1]}: checkpoint was written with train.batch_tokens="
-                                f"{state.get('batch_tokens', 'unrecorded')}, this run has {t.batch_tokens} (fix: "
-                                f"resume with the same train.batch_tokens, or rerun with --fresh)")
-        if is_main:
-            moved = f"; written by {state['world_size']} process(es), resumed on {world}" \
-                if state.get("world_size", world) != world else ""
-            print(f"resuming from {existing[-1].name}: {state['tokens']:,} of {prepared.plan.total_tokens:,} "
-                  f"tokens done{moved}", flush=True)
-        state["world_size"] = world
+                          existing[-1].name if existing else "", run.run_dir)
+    if not existing:
+        return
+    state = load_checkpoint(existing[-1], run.model, run.optimizer, run.device)
+    if state["plan_sha256"] != run.prepared.plan.fingerprint():
+        raise SparknetError(f"{existing[-1]}: checkpoint was written for a different data plan (fix: "
+                            f"rerun with --fresh, or delete {run.run_dir})")
+    if state.get("batch_tokens") != run.t.batch_tokens:
+        # Step k's data and LR are functions of the global batch: resuming under another one would skip or
+        # repeat data and bend the schedule. (Checkpoints from before it was recorded are refused too.)
+        raise SparknetError(f"{existing[-1]}: checkpoint was written with train.batch_tokens="
+                            f"{state.get('batch_tokens', 'unrecorded')}, this run has {run.t.batch_tokens} (fix: "
+                            f"resume with the same train.batch_tokens, or rerun with --fresh)")
+    if run.is_main:
+        moved = f"; written by {state['world_size']} process(es), resumed on {run.world}" \
+            if state.get("world_size", run.world) != run.world else ""
+        print(f"resuming from {existing[-1].name}: {state['tokens']:,} of {run.prepared.plan.total_tokens:,} "
+              f"tokens done{moved}", flush=True)
+    state["world_size"] = run.world
+    run.state = state
+
+
+def _start(run: _Run, progress: bool) -> None:
+    """Wrap the model for the device (and compile it when asked), say what trains, and set the counters."""
+    t, device = run.t, run.device
     # Only the model goes through accelerate (DDP wrapping, bf16 autocast): the optimizer stays a plain
     # AdamW, since we accumulate and scale ourselves and bf16 needs no grad scaler; accelerate's optimizer
     # wrapper cost ~0.5 ms a step in import-system lookups.
-    model_ddp = accelerator.prepare(model)
-    autocast = accelerator.autocast
+    run.model_ddp = run.accelerator.prepare(run.model)
+    run.autocast = run.accelerator.autocast
     example = (torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device),
                torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long, device=device))
-    fwd, compiled = _maybe_compile(model_ddp, model, t.compile, device, example, autocast) if state["step"] < num_steps \
-        else (model_ddp, False)
-    hf_tok = prepared.tokenizer.to_hf() if is_main else None
-    flops_per_token = model.shape.flops_per_token(t.seq_len)
-    peak = peak_flops(device, t.peak_flops)
-    if is_main:
-        print(f"model {cfg.model.preset}: {model.shape.num_params() / 1e6:.2f}M parameters, "
-              f"{flops_per_token / 1e6:.0f} MFLOP/token; {num_steps:,} steps of {step_tokens(loader, 0):,} tokens on "
-              f"{world} x {device.type}{' (compiled)' if compiled else ''}: {t.micro_batch_size} sequences x "
-              f"{accum} micro-batches x {world} process(es)", flush=True)
+    run.fwd, compiled = _maybe_compile(run.model_ddp, run.model, t.compile, device, example, run.autocast) \
+        if run.state["step"] < run.num_steps else (run.model_ddp, False)
+    run.hf_tok = run.prepared.tokenizer.to_hf() if run.is_main else None
+    run.flops_per_token = run.model.shape.flops_per_token(t.seq_len)
+    run.peak = peak_flops(device, t.peak_flops)
+    if run.is_main:
+        print(f"model {run.cfg.model.preset}: {run.model.shape.num_params() / 1e6:.2f}M parameters, "
+              f"{run.flops_per_token / 1e6:.0f} MFLOP/token; {run.num_steps:,} steps of "
+              f"{step_tokens(run.loader, 0):,} tokens on {run.world} x {device.type}"
+              f"{' (compiled)' if compiled else ''}: {t.micro_batch_size} sequences x "
+              f"{run.loader.grad_accum_steps} micro-batches x {run.world} process(es)", flush=True)
+    _start_counters(run, progress)
 
-    step, tokens = state["step"], state["tokens"]
-    start_step = step  # the same on every rank (each read the same checkpoint: agree_on_resume_point above)
+
+def _start_counters(run: _Run, progress: bool) -> None:
+    state = run.state
+    run.step = run.start_step = state["step"]
+    run.tokens = state["tokens"]
     # Tokens per source, counted on the device from the labels that took a loss (float64 is exact far
     # beyond any budget); read back only when logging, checkpointing and at the end.
-    per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=device)
-    recent = deque(state["recent_losses"], maxlen=50)
-    seconds_before = state["seconds"]
-    session_start = time.time()
-    paused = 0.0  # seconds spent evaluating/checkpointing, excluded from throughput
-    last_ckpt_time, last_ckpt_tokens = time.time(), tokens
+    run.per_source_tokens = torch.tensor(state["tokens_per_source"], dtype=torch.float64, device=run.device)
+    run.recent = deque(state["recent_losses"], maxlen=50)
+    run.seconds_before = state["seconds"]
+    run.session_start = time.time()
+    run.last_ckpt_time, run.last_ckpt_tokens = time.time(), run.tokens
     # Interval statistics on the device: [loss_sum, tokens, per-source loss sums..., per-source tokens...].
-    interval = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
-    interval_start, interval_tokens, grad_norm = time.time(), 0, torch.zeros((), device=device)
+    run.interval = torch.zeros(2 + 2 * run.num_sources, dtype=torch.float64, device=run.device)
+    run.interval_start, run.interval_tokens = time.time(), 0
+    run.grad_norm = torch.zeros((), device=run.device)
     # What the last logging interval measured; restored on resume so a finished run reports it again.
-    last = state.get("last") or {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": None}
-    # The previous step's loss, still on the device: (step, tokens before it, loss tensor). It is read
-    # (one host sync) only after the next step has been queued, so the GPU never waits for the guard.
-    pending: tuple[int, int, torch.Tensor] | None = None
-    val_losses: dict[str, float] = {}
-    samples: list[str] = []
-    bar = None
-    if is_main and progress:
+    run.last = state.get("last") or {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": None}
+    if run.is_main and progress:
         from tqdm import tqdm
-        bar = tqdm(total=prepared.plan.total_tokens, initial=tokens, unit="tok", unit_scale=True,
-                   dynamic_ncols=True, desc=cfg.name[:20], file=sys.stderr)
+        run.bar = tqdm(total=run.prepared.plan.total_tokens, initial=run.tokens, unit="tok", unit_scale=True,
+                       dynamic_ncols=True, desc=run.cfg.name[:20], file=sys.stderr)
 
-    def source_tokens() -> list[int]:
-        return [round(v) for v in per_source_tokens.tolist()]
 
-    def check_loss(checked_step: int, tokens_before: int, loss: torch.Tensor) -> None:
-        """Divergence guard: a non-finite loss, or one far above its recent average, ends the run. No
-        checkpoint is written before this check has passed, so the last one is the last good state."""
-        step_loss = float(loss)
-        if not math.isfinite(step_loss) or (len(recent) >= 10 and step_loss > t.diverge_factor * np.mean(recent)):
-            why = "is not finite" if not math.isfinite(step_loss) else \
-                f"is {step_loss / np.mean(recent):.1f}x its recent average {np.mean(recent):.3f}"
-            good = list_checkpoints(ckpt_root)
-            raise Diverged(f"diverged at step {checked_step} ({tokens_before:,} tokens): loss {step_loss:.4g} {why}; "
-                           f"last good checkpoint: {good[-1] if good else 'none yet'} (fix: lower train.lr, raise "
-                           f"train.warmup_fraction or lower train.grad_clip)")
-        recent.append(step_loss)
+def _step(run: _Run, batches, fault) -> None:
+    """One optimizer step: the LR of the schedule (a pure function of the step), this process's micro-batches,
+    clipping, AdamW; the step's statistics summed over the processes; the previous step's loss checked."""
+    t, k = run.t, run.num_sources
+    run.lr = lr_at(run.step, run.num_steps, t)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    n_step_tokens = step_tokens(run.loader, run.step)
+    stats = _micro_batches(run, batches, n_step_tokens, fault)
+    run.grad_norm = run.accelerator.clip_grad_norm_(run.model_ddp.parameters(), t.grad_clip or float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    stats = run.accelerator.reduce(stats, reduction="sum")
+    run.interval += stats
+    run.per_source_tokens += stats[2 + k:]
+    run.interval_tokens += n_step_tokens
+    # The previous step's loss is still on the device. It is read (one host sync) only now that this step is
+    # queued, so the GPU never waits for the guard.
+    if run.pending is not None:
+        _check_pending(run)
+    run.pending = (run.step, run.tokens, stats[0] / stats[1])
+    run.step += 1
+    run.tokens += n_step_tokens
+    if run.bar is not None:
+        run.bar.update(n_step_tokens)
 
-    def evaluate_now() -> None:
-        nonlocal paused, val_losses, samples
-        t0 = time.time()
-        if is_main:
-            val_losses = source_val_loss(model, prepared, t.seq_len, cfg.eval.val_tokens, cfg.eval.batch_size,
-                                         device, autocast)
-            samples = greedy_samples(model, prepared.tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_tokens,
-                                     device, autocast)
-            metrics = {f"val/loss/{k}": v for k, v in val_losses.items()}
-            if val_losses:
-                metrics["val/loss"] = float(np.mean(list(val_losses.values())))
-            tracker.log_metrics(metrics | {"tokens": tokens}, step)
-            with open(run_dir / "samples.txt", "a") as f:
-                f.write(f"## step {step}, {tokens:,} tokens\n" + "\n".join(f"- {s!r}" for s in samples) + "\n")
-        accelerator.wait_for_everyone()
-        paused += time.time() - t0
-        if on_eval is not None and is_main:
-            on_eval(tokens, dict(val_losses))
 
-    def checkpoint_now() -> Path | None:
-        nonlocal paused, last_ckpt_time, last_ckpt_tokens
-        t0 = time.time()
-        path = None
-        if is_main:
-            snapshot = dict(state, step=step, tokens=tokens, tokens_per_source=source_tokens(),
-                            seconds=seconds_before + (time.time() - session_start), recent_losses=list(recent),
-                            last=last)
-            path = save_checkpoint(ckpt_root, model, optimizer, snapshot, hf_tok, t.keep_checkpoints, device)
-        accelerator.wait_for_everyone()
-        paused += time.time() - t0
-        last_ckpt_time, last_ckpt_tokens = time.time(), tokens
-        return path
+def _micro_batches(run: _Run, batches, n_step_tokens: int, fault) -> torch.Tensor:
+    """Forward and backward of this process's micro-batches of the step. Returns its loss statistics, on the
+    device: [loss sum, tokens, per-source loss sums..., per-source tokens...] (float64)."""
+    accum, k = run.loader.grad_accum_steps, run.num_sources
+    stats = torch.zeros(2 + 2 * k, dtype=torch.float64, device=run.device)
+    for micro in range(accum):
+        _, _, input_ids, labels, source_ids = next(batches)
+        # Synchronize gradients across processes only on the last micro-batch (accelerate's no_sync).
+        sync = nullcontext() if micro == accum - 1 else run.accelerator.no_sync(run.model_ddp)
+        with sync:
+            with run.autocast():
+                nll = run.fwd(input_ids, labels)  # [B, T], 0 where labels are ignored
+            if fault is not None:
+                nll = fault(run.step, nll)
+            # Sum over this micro-batch / the whole step's tokens; x world because DDP averages.
+            run.accelerator.backward(nll.sum() * (run.world / n_step_tokens))
+        with torch.no_grad():
+            row_loss = nll.detach().double().sum(dim=1)
+            row_tokens = (labels != IGNORE_INDEX).sum(dim=1).double()
+            src = source_ids.clamp(min=0)
+            real = (source_ids >= 0).double()
+            stats[0] += row_loss.sum()
+            stats[1] += row_tokens.sum()
+            stats[2:2 + k].index_add_(0, src, row_loss * real)
+            stats[2 + k:].index_add_(0, src, row_tokens * real)
+    return stats
 
-    batches = _batches(loader, step, rank, device) if step < num_steps else iter(())
-    model_ddp.train()
-    while step < num_steps:
-        lr = lr_at(step, num_steps, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_step_tokens = step_tokens(loader, step)
-        stats = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=device)
-        for micro in range(accum):
-            _, _, input_ids, labels, source_ids = next(batches)
-            # Synchronize gradients across processes only on the last micro-batch (accelerate's no_sync).
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model_ddp)
-            with sync:
-                with autocast():
-                    nll = fwd(input_ids, labels)  # [B, T], 0 where labels are ignored
-                if fault is not None:
-                    nll = fault(step, nll)
-                # Sum over this micro-batch / the whole step's tokens; x world because DDP averages.
-                accelerator.backward(nll.sum() * (world / n_step_tokens))
-            with torch.no_grad():
-                row_loss = nll.detach().double().sum(dim=1)
-                row_tokens = (labels != IGNORE_INDEX).sum(dim=1).double()
-                src = source_ids.clamp(min=0)
-                real = (source_ids >= 0).double()
-                stats[0] += row_loss.sum()
-                stats[1] += row_tokens.sum()
-                stats[2:2 + num_sources].index_add_(0, src, row_loss * real)
-                stats[2 + num_sources:].index_add_(0, src, row_tokens * real)
-        grad_norm = accelerator.clip_grad_norm_(model_ddp.parameters(), t.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = accelerator.reduce(stats, reduction="sum")
-        interval += stats
-        per_source_tokens += stats[2 + num_sources:]
-        interval_tokens += n_step_tokens
-        if pending is not None:  # this step is queued: now the previous one's loss can be read
-            check_loss(*pending)
-        pending = (step, tokens, stats[0] / stats[1])
-        step += 1
-        tokens += n_step_tokens
-        if bar is not None:
-            bar.update(n_step_tokens)
 
-        log_due = step % t.log_every_steps == 0 or step == num_steps
-        eval_due = tokens >= state["next_eval_tokens"] and step < num_steps
-        ckpt_due = bool(t.checkpoint_every_tokens) and tokens - last_ckpt_tokens >= t.checkpoint_every_tokens
-        if t.checkpoint_minutes and log_due and not ckpt_due:
-            # Time is each process's own: decided at logging steps, by the main process for everyone, so
-            # that all processes enter the checkpoint's barrier together (disagreeing would deadlock DDP).
-            ckpt_due = time.time() - last_ckpt_time >= 60 * t.checkpoint_minutes
-            if world > 1:
-                flag = torch.tensor(float(ckpt_due and is_main), device=device)
-                ckpt_due = bool(accelerator.reduce(flag, reduction="sum") > 0)
-        ckpt_due = ckpt_due and step < num_steps
-        if log_due or eval_due or ckpt_due:  # (log_due includes the last step)
-            check_loss(*pending)
-            pending = None
+def _due(run: _Run) -> tuple[bool, bool, bool]:
+    """(log, evaluate, checkpoint): what the step just done ends with."""
+    t, step, num_steps = run.t, run.step, run.num_steps
+    log_due = step % t.log_every_steps == 0 or step == num_steps
+    eval_due = run.tokens >= run.state["next_eval_tokens"] and step < num_steps
+    ckpt_due = bool(t.checkpoint_every_tokens) and run.tokens - run.last_ckpt_tokens >= t.checkpoint_every_tokens
+    if t.checkpoint_minutes and log_due and not ckpt_due:
+        # Time is each process's own: decided at logging steps, by the main process for everyone, so
+        # that all processes enter the checkpoint's barrier together (disagreeing would deadlock DDP).
+        ckpt_due = time.time() - run.last_ckpt_time >= 60 * t.checkpoint_minutes
+        if run.world > 1:
+            flag = torch.tensor(float(ckpt_due and run.is_main), device=run.device)
+            ckpt_due = bool(run.accelerator.reduce(flag, reduction="sum") > 0)
+    return log_due, eval_due, ckpt_due and step < num_steps  # the end has its own checkpoint (_finish)
 
-        if log_due:
-            iv = interval.cpu().numpy()
-            elapsed = time.time() - interval_start - paused
-            last["loss"] = float(iv[0] / iv[1])
-            last["tokens_per_s"] = interval_tokens / max(elapsed, 1e-9)
-            last["mfu"] = last["tokens_per_s"] * flops_per_token / (peak * world) if peak else None
-            metrics = {"train/loss": last["loss"], "train/lr": lr, "train/grad_norm": float(grad_norm),
-                       "perf/tokens_per_s": last["tokens_per_s"], "tokens": tokens}
-            for i, name in enumerate(names):
-                if iv[2 + num_sources + i]:
-                    metrics[f"train/loss/{name}"] = float(iv[2 + i] / iv[2 + num_sources + i])
-            if last["mfu"] is not None:
-                metrics["perf/mfu"] = last["mfu"]
-            if is_main:
-                tracker.log_metrics(metrics, step)
-            if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-            interval.zero_()
-            interval_start, interval_tokens, paused = time.time(), 0, 0.0
 
-        if eval_due:
-            state["next_eval_tokens"] = (tokens // cfg.eval.every_tokens + 1) * cfg.eval.every_tokens
-            evaluate_now()
-        if ckpt_due:
-            checkpoint_now()
+def _check_pending(run: _Run) -> None:
+    """Divergence guard, on the pending step's loss: a non-finite loss, or one far above its recent average, ends
+    the run. No checkpoint is written before this check has passed, so the last one is the last good state."""
+    checked_step, tokens_before, loss = run.pending
+    run.pending = None
+    recent, step_loss = run.recent, float(loss)
+    if not math.isfinite(step_loss) or (len(recent) >= 10 and step_loss > run.t.diverge_factor * np.mean(recent)):
+        why = "is not finite" if not math.isfinite(step_loss) else \
+            f"is {step_loss / np.mean(recent):.1f}x its recent average {np.mean(recent):.3f}"
+        good = list_checkpoints(run.ckpt_root)
+        raise Diverged(f"diverged at step {checked_step} ({tokens_before:,} tokens): loss {step_loss:.4g} {why}; "
+                       f"last good checkpoint: {good[-1] if good else 'none yet'} (fix: lower train.lr, raise "
+                       f"train.warmup_fraction or lower train.grad_clip)")
+    recent.append(step_loss)
 
-    if bar is not None:
-        bar.close()
-    # The end: the final evaluation, then a checkpoint so that rerunning a finished run does no work.
-    evaluate_now()
+
+def _log(run: _Run) -> None:
+    """The logging interval's figures: train loss (all, per source), LR, gradient norm, tokens/s and MFU (the time
+    spent evaluating and checkpointing left out)."""
+    iv, k, last = run.interval.cpu().numpy(), run.num_sources, run.last
+    elapsed = time.time() - run.interval_start - run.paused
+    last["loss"] = float(iv[0] / iv[1])
+    last["tokens_per_s"] = run.interval_tokens / max(elapsed, 1e-9)
+    last["mfu"] = last["tokens_per_s"] * run.flops_per_token / (run.peak * run.world) if run.peak else None
+    metrics = {"train/loss": last["loss"], "train/lr": run.lr, "train/grad_norm": float(run.grad_norm),
+               "perf/tokens_per_s": last["tokens_per_s"], "tokens": run.tokens}
+    for i, name in enumerate(run.names):
+        if iv[2 + k + i]:
+            metrics[f"train/loss/{name}"] = float(iv[2 + i] / iv[2 + k + i])
+    if last["mfu"] is not None:
+        metrics["perf/mfu"] = last["mfu"]
+    if run.is_main:
+        run.tracker.log_metrics(metrics, run.step)
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+    run.interval.zero_()
+    run.interval_start, run.interval_tokens, run.paused = time.time(), 0, 0.0
+
+
+def _evaluate(run: _Run) -> None:
+    """Held-out loss per source and greedy samples, on the main process; then `on_eval` (the sweep's pruning)."""
+    t0 = time.time()
+    cfg, t = run.cfg, run.t
+    if run.is_main:
+        run.val_losses = source_val_loss(run.model, run.prepared, t.seq_len, cfg.eval.val_tokens,
+                                         cfg.eval.batch_size, run.device, run.autocast)
+        run.samples = greedy_samples(run.model, run.prepared.tokenizer, cfg.eval.sample_prompts,
+                                     cfg.eval.sample_tokens, run.device, run.autocast)
+        metrics = {f"val/loss/{k}": v for k, v in run.val_losses.items()}
+        if run.val_losses:
+            metrics["val/loss"] = float(np.mean(list(run.val_losses.values())))
+        run.tracker.log_metrics(metrics | {"tokens": run.tokens}, run.step)
+        with open(run.run_dir / "samples.txt", "a") as f:
+            f.write(f"## step {run.step}, {run.tokens:,} tokens\n" + "\n".join(f"- {s!r}" for s in run.samples)
+                    + "\n")
+    run.accelerator.wait_for_everyone()
+    run.paused += time.time() - t0
+    if run.on_eval is not None and run.is_main:
+        run.on_eval(run.tokens, dict(run.val_losses))
+
+
+def _checkpoint(run: _Run) -> Path | None:
+    """Save the step (main process; the others wait at the barrier). Returns its folder on the main process."""
+    t0 = time.time()
+    path = None
+    if run.is_main:
+        snapshot = dict(run.state, step=run.step, tokens=run.tokens, tokens_per_source=run.source_tokens(),
+                        seconds=run.seconds_before + (time.time() - run.session_start),
+                        recent_losses=list(run.recent), last=run.last)
+        path = save_checkpoint(run.ckpt_root, run.model, run.optimizer, snapshot, run.hf_tok, run.t.keep_checkpoints,
+                               run.device)
+    run.accelerator.wait_for_everyone()
+    run.paused += time.time() - t0
+    run.last_ckpt_time, run.last_ckpt_tokens = time.time(), run.tokens
+    return path
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The end: the final evaluation, then a checkpoint so that rerunning a finished run does no work; the tokens
+    per source, counted from the batches actually trained on (labels that took a loss), must be the plan's."""
+    if run.bar is not None:
+        run.bar.close()
+    _evaluate(run)
     # Whether the final checkpoint exists already (a finished run resumed) is decided from state every rank shares:
     # listing the folder here would race with the main process writing step-N and let one rank skip the collective.
-    final_ckpt = ckpt_root / f"step-{step:08d}" if step == start_step else checkpoint_now()
-    seconds = seconds_before + (time.time() - session_start)
-    counted = dict(zip(names, source_tokens()))
-    if is_main:
-        # Counted from the batches actually trained on (labels that took a loss), not copied from the plan.
-        expected = prepared.plan.tokens_per_source()
+    final_ckpt = run.ckpt_root / f"step-{run.step:08d}" if run.step == run.start_step else _checkpoint(run)
+    seconds = run.seconds_before + (time.time() - run.session_start)
+    counted = dict(zip(run.names, run.source_tokens()))
+    if run.is_main:
+        expected = run.prepared.plan.tokens_per_source()
         if list(counted.values()) != expected.tolist():
             raise AssertionError(f"trained tokens per source {list(counted.values())} differ from the plan "
                                  f"{expected.tolist()}")
-        tracker.log_metrics({f"tokens/{n}": v for n, v in counted.items()} | {"tokens": tokens}, step)
+        run.tracker.log_metrics({f"tokens/{n}": v for n, v in counted.items()} | {"tokens": run.tokens}, run.step)
+    last = run.last
     return TrainResult(
-        status="finished", steps=step, tokens=tokens, tokens_per_source=counted,
-        train_loss=last["loss"], val_loss=val_losses, seconds=seconds, tokens_per_s=last["tokens_per_s"],
-        mfu=last["mfu"], checkpoint=str(final_ckpt or ""), samples=samples)
+        status="finished", steps=run.step, tokens=run.tokens, tokens_per_source=counted,
+        train_loss=last["loss"], val_loss=run.val_losses, seconds=seconds, tokens_per_s=last["tokens_per_s"],
+        mfu=last["mfu"], checkpoint=str(final_ckpt or ""), samples=run.samples)

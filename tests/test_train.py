@@ -132,8 +132,9 @@ def test_resuming_from_the_final_checkpoint_reports_the_runs_figures(finished, t
 def test_checkpoint_round_trip_through_automodel(finished):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sparknet.checkpoint import list_checkpoints, load_checkpoint
     from sparknet.model import GPT, GPTShape
-    from sparknet.train import build_optimizer, list_checkpoints, load_checkpoint
+    from sparknet.train import build_optimizer
 
     cfg, out = finished
     final = Path(out.result["final_model"])
@@ -336,8 +337,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_on_another_process_count(finish
 def _resume_point_worker(rank: int, init: str, steps: list[int], out: str) -> None:
     import torch.distributed as dist
 
+    from sparknet.checkpoint import agree_on_resume_point
     from sparknet.errors import SparknetError
-    from sparknet.train import agree_on_resume_point
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
@@ -392,8 +393,9 @@ def test_a_checkpoint_restores_on_a_machine_with_fewer_gpus(finished, tmp_path, 
 
     from safetensors.torch import load_file, save_file
 
+    from sparknet.checkpoint import list_checkpoints, load_checkpoint
     from sparknet.model import GPT, GPTShape
-    from sparknet.train import build_optimizer, list_checkpoints, load_checkpoint
+    from sparknet.train import build_optimizer
 
     cfg, out = finished
     ckpt = tmp_path / "ckpt"
