@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,10 @@ RETRY_S = 30.0
 END_RETRY_S = 60.0
 PENDING = "mlflow_pending.json"  # in the run folder: what MLflow has not received yet, and how the run ended
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+# A new SQLite store announces its tables and migrations at INFO on stderr (MLflow's and alembic's loggers): noise in
+# a run's output, and a second and third line in front of a one-line error. Warnings still show.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 _BATCH = 500  # metrics per log_batch call (MLflow accepts up to 1000)
 
 

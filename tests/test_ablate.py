@@ -204,6 +204,7 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
     (["train.lr=0.001"], "its recipe has train.lr=0.003, this command gives train.lr=0.001"),
     (["--seeds", "1"], "it has 2 seeds per point, this command asks for 1 (--seeds may grow, not shrink: --seeds 2)"),
 ])
+@pytest.mark.slow
 def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, loo, monkeypatch, capsys, change, message):
     monkeypatch.chdir(lab)
     readme = loo.folder / "README.md"
@@ -223,6 +224,7 @@ def test_a_study_remembers_what_it_is_and_a_rerun_adds_nothing(lab, loo, monkeyp
     assert len(load(loo.url, "loo").trials) == before and readme.read_text() == text
 
 
+@pytest.mark.slow
 def test_more_seeds_grow_the_study_by_their_runs_only(lab, monkeypatch, capsys):
     """A study of one seed per point, then --seeds 2: only the new seed's runs train, and the summary is written again
     (no --out: to experiments/grow/ under the working directory, the lab)."""
@@ -392,6 +394,7 @@ def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, 
         assert c.mixture.total_tokens == PROXY and c.train.seed == 1337
 
 
+@pytest.mark.slow
 def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tmp_path, monkeypatch, capsys):
     """A run folder locked by a live process (a worker whose trial was failed as stale while it trained on): the
     study neither queues nor takes that point meanwhile, runs the others, and takes it once the lock is gone."""
@@ -476,6 +479,7 @@ def _states(url: str, study: str) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points(lab, subprocess_env):
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.ablate", *args_for(lab, "killed", "--objective", "val", "--heartbeat", "1",
@@ -501,6 +505,7 @@ def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points
     assert (lab / "experiments" / "killed" / "README.md").exists()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_duplicates_and_one_confirms(lab, subprocess_env):
     from mlflow.tracking import MlflowClient
 

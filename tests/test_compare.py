@@ -282,6 +282,7 @@ def test_offline_default_baselines_are_gaps_with_the_reason(store, monkeypatch, 
     (["--protocols", "hf-strided-x"], "unknown WikiText-2 protocol 'hf-strided-x'"),
     (["--tracking-uri", "http://127.0.0.1:9"], "MLflow at http://127.0.0.1:9: cannot list experiments"),
 ])
+@pytest.mark.slow
 def test_bad_filters_and_unreachable_stores_are_one_line_errors(template, capsys, monkeypatch, args, message):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -401,6 +402,7 @@ def add_run(store: Store, experiment: str, name: str, tags: dict[str, str], metr
     return run_id
 
 
+@pytest.mark.slow
 def test_sweep_trials_stay_out_unless_asked_and_a_study_can_be_its_best_trial(store, capsys):
     parent = add_run(store, "lr-study", "sweep lr-study", {"sparknet.study": "lr-study", "sparknet.kind": "sweep"}, {})
     trials = {}
@@ -585,6 +587,7 @@ QUICK = ["tokenizer.vocab_size=512", "tokenizer.train_bytes_per_source=200000", 
          "eval.sample_tokens=4", "prepare.shard_tokens=65536", "prepare.workers=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_hub_check_gives_up_within_five_seconds_on_a_silent_server(subprocess_env):
     import socket
 
@@ -601,6 +604,7 @@ def test_hub_check_gives_up_within_five_seconds_on_a_silent_server(subprocess_en
     assert done.returncode == 1 and "did not answer" in done.stdout and seconds < 5 + 2  # + the interpreter's start
 
 
+@pytest.mark.slow
 def test_quickstart_offline_finishes_with_one_line_then_scores_from_a_local_copy(tmp_path, subprocess_env):
     env = {k: v for k, v in subprocess_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                                                                   "SPARKNET_WIKITEXT")}

@@ -52,6 +52,7 @@ def test_an_unknown_device_has_no_peak():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="Inductor needs a C compiler on the CPU (none on PATH)")
+@pytest.mark.slow
 def test_compiled_training_on_the_cpu_matches_eager(tmp_path, tiny_mixture, capsys):
     """train.compile=on runs Inductor on the CPU: the compiled path (the plain logits -> cross-entropy loss that
     Inductor fuses itself, instead of the hand-fused eager loss) trains and matches eager training."""

@@ -71,6 +71,7 @@ print(json.dumps([measure_step_memory(p, v, 128, mb) for p, v, mb in
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak RSS is reset through Linux's /proc")
+@pytest.mark.slow
 def test_the_estimate_matches_the_measured_peak_on_the_cpu(subprocess_env):
     """Two optimizer steps of two micro-batches each (forward, backward, clipping, fused AdamW: so the gradients and
     AdamW's moments are alive through the second step's passes), in a fresh process, peak RSS growth against the

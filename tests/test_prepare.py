@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sparknet.tokenizer import TiktokenGPT2
@@ -42,6 +43,7 @@ def spec(tmp_path: Path, write_jsonl, max_repeats: float = 1.0) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_report_and_idempotence(tmp_path, write_jsonl):
     p = spec(tmp_path, write_jsonl)
     first = run_prepare(str(p), cwd=tmp_path)
@@ -67,6 +69,7 @@ def test_report_and_idempotence(tmp_path, write_jsonl):
     assert "every shard matches its sha256" in second.stdout
 
 
+@pytest.mark.slow
 def test_source_too_small_fails_before_training_and_keeps_the_store(tmp_path, write_jsonl):
     p = spec(tmp_path, write_jsonl, max_repeats=1.0)
     # books: ~11k tokens in ~64 kB; its 40% of 100k cannot be told from its bytes, only once tokenized
@@ -102,6 +105,7 @@ def test_missing_source_files_are_one_line_errors(tmp_path, write_jsonl):
     assert proc.returncode == 2 and "--workers: must be >= 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_quickstart_spec_prepares_offline(tmp_path):
     """The quickstart mixture reads only what a Python installation carries, offline."""
     proc = run_prepare(str(REPO / "mixtures" / "quickstart.yaml"), f"lab_dir={tmp_path / 'lab'}",
@@ -118,6 +122,7 @@ def test_codelion_spec_offline_is_a_one_line_error(tmp_path):
     assert "source 'finepdfs' (hf 'codelion/finepdfs-1B'" in proc.stderr and "fix:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_validation_slice_never_eats_the_source(tmp_path, write_jsonl):
     """val_tokens larger than a source: the slice stops at 10% of it, and the report says so."""
     p = spec(tmp_path, write_jsonl)

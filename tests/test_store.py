@@ -146,6 +146,7 @@ def _shard_count(lab: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_prepare_then_resume_is_byte_identical(tmp_path):
     """A prepare killed with SIGKILL mid-way, then rerun, writes exactly the files an unkilled run does."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

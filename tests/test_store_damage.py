@@ -125,6 +125,7 @@ def test_extension_after_a_repair_appends_the_same_bytes(tmp_path, write_jsonl):
     assert (big.dir / "val.bin").read_bytes() == (full.dir / "val.bin").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_audit_checks_the_sha256_of_what_it_reads(tmp_path, tiny_mixture):
     from sparknet.audit import audit
     from sparknet.config import load_config

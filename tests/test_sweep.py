@@ -214,6 +214,7 @@ def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, fou
     (["SPACE"], "its space has train.lr: {\"high\": 0.01, \"log\": true, \"low\": 0.001, \"type\": \"float\"}, "
                 "this space has {\"high\": 0.02"),
 ])
+@pytest.mark.slow
 def test_a_study_remembers_what_it_is(lab, four, tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(lab)
     url = four.url
@@ -230,6 +231,7 @@ def test_a_study_remembers_what_it_is(lab, four, tmp_path, monkeypatch, capsys, 
     assert trial_states(url, "four") == before and readme.read_text() == text  # nothing trained, nothing rewritten
 
 
+@pytest.mark.slow
 def test_an_interrupt_leaves_the_trial_resumable_and_its_retry_continues_the_pruning_steps(lab, monkeypatch, capsys):
     """SIGTERM at the second evaluation of trial 1: the trial is failed with the reason and queued again; the rerun
     resumes its checkpoint (2,048 tokens) and reports evaluations 1 and 2, not 0 and 1. The objective is one
@@ -281,6 +283,7 @@ def test_an_interrupt_leaves_the_trial_resumable_and_its_retry_continues_the_pru
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the sweep's handler is gone again
 
 
+@pytest.mark.slow
 def test_failed_trials_are_recorded_with_their_reason_and_never_retried(lab, monkeypatch, capsys):
     import sparknet.run
     from sparknet.sweep import Sweep
@@ -322,6 +325,7 @@ def test_failed_trials_are_recorded_with_their_reason_and_never_retried(lab, mon
     assert all("failed_trial" not in t.system_attrs for t in trials)  # a failure is never retried
 
 
+@pytest.mark.slow
 def test_a_trial_failed_as_stale_while_it_trains_is_not_trained_twice_and_its_result_is_kept(lab, monkeypatch,
                                                                                                capsys):
     """A worker stopped (SIGSTOP, a suspended laptop) past the grace period: another worker fails its trial as stale
@@ -376,6 +380,7 @@ def test_a_trial_failed_as_stale_while_it_trains_is_not_trained_twice_and_its_re
     assert len(list((lab / "runs").glob("stale-t0-*"))) == 1
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, subprocess_env):
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=2,
@@ -395,6 +400,7 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, 
     assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")  # same params, rerun
 
 
+@pytest.mark.slow
 def test_a_trial_left_running_without_any_heartbeat_is_failed_and_retried(lab, monkeypatch, capsys):
     """A worker killed between taking a trial and its first heartbeat (Optuna never fails a RUNNING trial that has
     no heartbeat at all): the next run gives it one beat under the lock, so it goes stale and is retried."""
@@ -408,6 +414,7 @@ def test_a_trial_left_running_without_any_heartbeat_is_failed_and_retried(lab, m
     assert trials[2].system_attrs["failed_trial"] == orphan.number == 1  # (it had drawn no parameters yet)
 
 
+@pytest.mark.slow
 def test_pruning_stops_a_deliberately_bad_space(lab, monkeypatch):
     """The mixture's lr is 1e-6 for this study and the space searches below it: every later trial learns less than
     the baseline by its first evaluation, and the median pruner (which compares completed trials only) stops each
@@ -440,6 +447,7 @@ def write_wikitext_valid(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_wikitext_valid_objective_scores_the_validation_split_in_bits_per_byte(lab, tmp_path, monkeypatch):
     import torch
     import torch.nn.functional as F
@@ -532,6 +540,7 @@ def postgres(subprocess_env):
     shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_postgresql_and_one_of_them_concludes(lab, postgres, subprocess_env):
     import optuna
     from mlflow.tracking import MlflowClient

@@ -74,6 +74,7 @@ def _jsonl(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_runs_ending_while_the_server_is_down_are_closed_later_by_run_and_by_compare(tmp_path, server, tiny_mixture,
                                                                                       monkeypatch, capsys):
     from mlflow.tracking import MlflowClient

@@ -180,6 +180,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(finished):
     assert Path(cfg.lab_path / "mlartifacts").is_dir()  # artifacts next to the store, not ./mlruns
 
 
+@pytest.mark.slow
 def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(finished, lab, subprocess_env):
     cfg, ref = finished
     cmd = [sys.executable, "-m", "sparknet.run", str(lab / "tiny.yaml"), f"lab_dir={lab}", "name=killed",
@@ -263,6 +264,7 @@ sys.exit(sparknet.run.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_despite_slow_main_work(finished, lab, subprocess_env, tmp_path):
     """The same config, micro-batch included, under torchrun with 2 processes: accumulation is derived from the
     global batch (1 micro-batch each instead of 2), so the steps, the tokens per step and per source are the
@@ -302,6 +304,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("first, then", [(1, 2), (2, 1)], ids=["1-then-2", "2-then-1"])
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_on_another_process_count(finished, lab, subprocess_env, first, then):
     """Step k's global batch is the same for any process count, so a run SIGKILLed on `first` processes resumes
     on `then`: every planned token trained once (per source, as planned) and the losses of an uninterrupted run."""
@@ -352,6 +355,7 @@ def _resume_point_worker(rank: int, init: str, steps: list[int], out: str) -> No
 
 
 @pytest.mark.parametrize("steps", [[40, 0]])  # agreement: every two-process test above passes through it
+@pytest.mark.slow
 def test_processes_that_see_different_checkpoints_refuse_to_resume(tmp_path, steps):
     """Two nodes without a shared filesystem: rank 0 sees its checkpoint, rank 1 (another node's lab) none. Both
     fail with the same one-line error, instead of one of them training from step 0."""
@@ -454,6 +458,7 @@ def mlflow_server(tmp_path, subprocess_env):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflow_server, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -484,6 +489,7 @@ def test_training_against_a_real_mlflow_server_that_goes_away_mid_run(lab, mlflo
     assert any("val/loss/docs" in r for r in rows) and math.isfinite(out.result["train_loss"])
 
 
+@pytest.mark.slow
 def test_final_model_is_scored_on_wikitext_and_recorded(lab, shared_data, monkeypatch):
     from mlflow.tracking import MlflowClient
 
