@@ -68,6 +68,18 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module's in-process runs on a busy 2-core machine: one torch thread (OpenMP's spinning threads make each
+    tiny op take milliseconds). Subprocesses get OMP_NUM_THREADS=1 from ENV below."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (WikiText-2 and real text for benchmarks); the WikiText-2 checks that need it skip when it

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tinylab import kill_mid_study
+from tinylab import kill_mid_study, write_wikitext_valid
 
 from sparknet.ablate import main
 
@@ -38,30 +37,8 @@ NAMES = ("docs", "readmes", "code")
 PROXY = 16384  # 32 steps of 8 x 64 tokens with cpu-tiny: about a second of training a run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_runs():
-    """In-process runs on a busy 2-core machine: one torch thread (OpenMP's spinning threads make each tiny op take
-    milliseconds). Subprocess workers get OMP_NUM_THREADS=1 from conftest."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_wikitext_valid(folder: Path, seed: int = 0) -> Path:
-    """A small file in wiki.valid.raw's layout (rows joined by "\\n", headings as WikiText has them): what it says
-    does not matter for the mechanics, only that it is read as the validation split."""
-    rng = random.Random(seed)
-    words = "the of a river city was in and to built north song album game first season team".split()
-    rows = []
-    for i in range(10):
-        rows += ["", f" = Article {i} = \n", ""]
-        rows += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + " .\n" for _ in range(3)]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "wiki.valid.raw").write_text("\n".join(rows), encoding="utf-8")
-    return folder
+# In-process runs on a busy 2-core machine: one torch thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +46,7 @@ def lab(tmp_path_factory, tiny_mixture):
     d = tmp_path_factory.mktemp("ablatelab")
     tiny_mixture(d, mixture={"sources": SOURCES})  # the tests' tiny recipe, with three sources
     (d / "tiny.yaml").rename(d / "tri.yaml")
-    write_wikitext_valid(d / "wikitext")
+    write_wikitext_valid(d / "wikitext", articles=10)
     return d
 
 

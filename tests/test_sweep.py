@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tinylab import kill_mid_study
+from tinylab import kill_mid_study, write_wikitext_valid
 
 from sparknet.config import ConfigError, load_config, to_dict
 from sparknet.errors import SparknetError
@@ -43,16 +42,8 @@ pruner: {n_startup_trials: 2, n_warmup_steps: 1}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_trials():
-    """In-process trials on a busy 2-core machine: one torch thread (OpenMP's spinning threads make each tiny op
-    take milliseconds). Subprocess trials get OMP_NUM_THREADS=1 from conftest."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# In-process runs on a busy 2-core machine: one torch thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -431,20 +422,6 @@ def test_pruning_stops_a_deliberately_bad_space(lab, monkeypatch):
     assert len(pruned) == 3 and all(t.state.name == "PRUNED" for t in pruned)
     assert all("worse than the median" in t.user_attrs["reason"] for t in pruned)
     assert all(list(t.intermediate_values) == [0] and t.params["train.lr"] < 1e-6 for t in pruned)
-
-
-def write_wikitext_valid(folder: Path, seed: int = 0) -> Path:
-    """A small file in wiki.valid.raw's layout (rows joined by "\\n"; blank rows empty; headings as WikiText has
-    them). What it says does not matter for the mechanics, only that it is the validation split."""
-    rng = random.Random(seed)
-    words = "the of a river city was in and to built north song album game first season team".split()
-    rows = []
-    for i in range(12):
-        rows += ["", f" = Article {i} = \n", ""]
-        rows += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + " .\n" for _ in range(3)]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "wiki.valid.raw").write_text("\n".join(rows), encoding="utf-8")
-    return folder
 
 
 @pytest.mark.slow

@@ -6,60 +6,17 @@ and started again, and against a store whose calls fail on demand."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from tinylab import MlflowServer
 
 from sparknet import tracking
 
 SMALL = dict(mixture={"total_tokens": 16384, "val_tokens": 2048}, tokenizer={"train_bytes_per_source": 200000},
              train={"batch_tokens": 1024, "warmup_fraction": 0.05, "log_every_steps": 2},
              eval={"every_tokens": 8192, "val_tokens": 1024}, tracking={"experiment": "served"})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` (one worker, no job runner, as lab/mlflow_server.sh starts it) that a test can stop
-    and start again on the same port and store."""
-
-    def __init__(self, folder: Path, env: dict[str, str]):
-        self.folder, self.env, self.port, self.proc = folder, env, _free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import urllib.request
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
-             "1", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
-             str(self.folder / "server-artifacts")], env=dict(self.env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        pytest.fail("mlflow server did not start within 90 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture

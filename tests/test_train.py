@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinylab import kill_tree
+from tinylab import MlflowServer, kill_tree
 
 from sparknet.config import TrainConfig, load_config
 from sparknet.run import execute, main, run_dir_for
@@ -423,39 +422,13 @@ def test_a_checkpoint_restores_on_a_machine_with_fewer_gpus(finished, tmp_path, 
     assert len(restored) == 1 and torch.equal(restored[0][0], eight_gpus[0]) and restored[0][1] == torch.device("cuda", 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, subprocess_env):
-    """A real `mlflow server` on 127.0.0.1 with lean settings (one worker, no job runner)."""
-    import urllib.request
-
-    port = _free_port()
-    env = dict(subprocess_env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start within 90 s")
-    yield url, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """A real `mlflow server` on 127.0.0.1 with lean settings (one worker, no job runner): (url, process)."""
+    server = MlflowServer(tmp_path, subprocess_env)
+    server.start()
+    yield server.url, server.proc
+    server.stop()
 
 
 @pytest.mark.slow

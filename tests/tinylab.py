@@ -12,9 +12,12 @@ sys.path, and scripts/bench_sweep.py puts it there itself.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -152,3 +155,56 @@ def kill_tree(pid: int) -> None:
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def write_wikitext_valid(folder: Path, seed: int = 0, articles: int = 12) -> Path:
+    """A small file in wiki.valid.raw's layout (rows joined by "\\n"; blank rows empty; headings as WikiText has
+    them). What it says does not matter for the mechanics, only that it is read as the validation split."""
+    rng = random.Random(seed)
+    words = "the of a river city was in and to built north song album game first season team".split()
+    rows = []
+    for i in range(articles):
+        rows += ["", f" = Article {i} = \n", ""]
+        rows += [" " + " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + " .\n" for _ in range(3)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wiki.valid.raw").write_text("\n".join(rows), encoding="utf-8")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (one worker, no job runner, as lab/mlflow_server.sh starts it) that a test
+    can stop and start again on the same port and store."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.folder, self.env, self.port, self.proc = folder, env, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
+             str(self.folder / "server-artifacts")], env=dict(self.env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("mlflow server did not start within 90 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
