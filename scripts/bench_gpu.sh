@@ -112,12 +112,20 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 print(open(out / "gpu.txt").read().strip())
+
+
+def result(name: str, missing: str):
+    """The JSON a step wrote, or None (and a line saying so) when the step left none."""
+    if not (out / name).exists():
+        print(missing)
+        return None
+    return json.loads((out / name).read_text())
+
+
 for compile in ("off", "on"):
-    p = out / f"train-compile-{compile}.json"
-    if not p.exists():
-        print(f"compile {compile}: no result")
+    r = result(f"train-compile-{compile}.json", f"compile {compile}: no result")
+    if r is None:
         continue
-    r = json.loads(p.read_text())
     micro = r["args"]["micro_batch"]
     for name, s in r["summary"].items():
         mfu = f", MFU {s['mfu']:.1%}" if math.isfinite(s.get("mfu", math.nan)) else ""
@@ -129,11 +137,9 @@ for compile in ("off", "on"):
     for k, v in r["ratios"].items():
         print(f"compile {compile:<3} {k}: {v:+.2%}" if k.startswith("overhead") else f"compile {compile:<3} {k}: {v:.3f}x")
 for mode in ("eager", "compiled"):
-    p = out / f"memory-{mode}.json"
-    if not p.exists():
-        print(f"memory {mode}: no result (see memory-{mode}.log)")
+    m = result(f"memory-{mode}.json", f"memory {mode}: no result (see memory-{mode}.log)")
+    if m is None:
         continue
-    m = json.loads(p.read_text())
     print(f"memory {mode:<8} gpt2-70m micro {m['micro_batch']} x {m['seq_len']}: max_memory_allocated "
           f"{m['measured_bytes'] / 2**30:.2f} GiB, estimate {m['estimate_bytes'] / 2**30:.2f} GiB "
           f"(measured/estimate {m['ratio']:.2f}{'' if m['compiled'] or mode == 'eager' else '; compile fell back to eager'})")

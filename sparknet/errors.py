@@ -50,6 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
     (exit 2 through `cli_main`), not a usage block. `--help` prints the usage as usual."""
 
     def error(self, message: str):
+        if "(fix:" in message:  # a type's own message (`at_least`) already says the fix
+            raise SparknetError(f"{self.prog}: {message}")
         fix = f"see {self.prog} --help"
         if "unrecognized arguments" in message:
             fix = f"drop them, or see {self.prog} --help for the flags"
@@ -63,6 +65,23 @@ class ArgumentParser(argparse.ArgumentParser):
         elif "invalid choice" in message:
             fix = "use one of the choices listed"
         raise SparknetError(f"{self.prog}: {message} (fix: {fix})")
+
+
+def at_least(minimum: int, example: int):
+    """An argparse `type`: a whole number >= `minimum`; else a message naming the fix (`--workers 0` -> "must be a
+    whole number >= 1, got '0' (fix: e.g. 1)")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r} (fix: e.g. {example})")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
 
 
 class RunFailed(SparknetError):

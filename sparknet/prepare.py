@@ -27,7 +27,7 @@ import numpy as np
 
 from sparknet.config import RunConfig, config_from_cli, mixture_cli
 from sparknet.data import Loader, num_slots
-from sparknet.errors import SparknetError, cli_main
+from sparknet.errors import SparknetError, at_least, cli_main
 from sparknet.mixture import Plan, build_plan, window_deviation
 from sparknet.sources import (
     check_hub_source,
@@ -327,7 +327,7 @@ def check_budget(p: Prepared) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = mixture_cli("python -m sparknet.prepare", __doc__.split("\n")[0], "mixture.total_tokens=50M")
-    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--workers", type=at_least(1, 2), default=None, help="tokenizer processes (default: all cores)")
     ap.add_argument("--verify", action="store_true", help="re-check every shard's sha256")
     ap.add_argument("--audit", action="store_true",
                     help="walk every batch training reads and check it against the stores: each sequence's tokens at "
@@ -338,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = config_from_cli(ap, argv)
     if cfg is None:
         return 0
-    if args.workers is not None and args.workers < 1:
-        raise SparknetError(f"--workers: must be >= 1, got {args.workers} (fix: --workers 1, or leave it out for "
-                            f"all cores)")
     # Checked before anything is prepared: a typo must not cost a tokenization first.
     try:
         counts = tuple(int(x) for x in args.audit_processes.split(","))

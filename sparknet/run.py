@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sparknet import atomic
 from sparknet.config import RunConfig, config_from_cli, mixture_cli, to_dict
-from sparknet.errors import SparknetError, cli_main
+from sparknet.errors import SparknetError, at_least, cli_main
 from sparknet.locks import RunBusy, prepare_lock, run_busy, run_lock  # noqa: F401  (RunBusy, run_busy: re-exported for studies)
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
@@ -487,15 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = mixture_cli("python -m sparknet.run", __doc__.split("\n")[0], "train.lr=3e-4")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, model and schedule; train nothing")
     ap.add_argument("--fresh", action="store_true", help="discard this run's checkpoints and start over")
-    ap.add_argument("--processes", type=int, default=None, metavar="N",
+    ap.add_argument("--processes", type=at_least(1, 2), default=None, metavar="N",
                     help="with --dry-run: plan for N processes (default: this launch's WORLD_SIZE, else 1)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or reports")
     args, cfg = config_from_cli(ap, argv)
     if cfg is None:
         return 0
-    if args.processes is not None and args.processes < 1:
-        raise SparknetError(f"--processes: must be >= 1, got {args.processes} (fix: --processes 1, or the number of "
-                            f"GPUs the run will use)")
     if args.dry_run:
         preflight(cfg)
         print(dry_run(cfg, args.processes))

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tinylab import kill_mid_study, write_wikitext_valid
+from tinylab import kill_mid_study_then_rerun, write_wikitext_valid
 
 from sparknet.ablate import main
 
@@ -461,11 +461,7 @@ def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.ablate", *args_for(lab, "killed", "--objective", "val", "--heartbeat", "1",
                                                              design="random:3", storage=url)]
-    killed = kill_mid_study(cmd, subprocess_env, lab, lab / "killed.db")
-    assert killed, "the worker finished before it could be killed mid-study"
-    assert _states(url, "killed").get("RUNNING") == 1
-
-    done = subprocess.run(cmd, env=subprocess_env, cwd=lab, capture_output=True, text=True, timeout=300)
+    done = kill_mid_study_then_rerun(cmd, subprocess_env, lab, lab / "killed.db")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     study = load(url, "killed")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]

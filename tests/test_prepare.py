@@ -102,7 +102,7 @@ def test_missing_source_files_are_one_line_errors(tmp_path, write_jsonl):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "source 'web': path" in proc.stderr and "does not exist" in proc.stderr
     proc = run_prepare(str(p), "--workers", "0", cwd=tmp_path)
-    assert proc.returncode == 2 and "--workers: must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "--workers: must be a whole number >= 1" in proc.stderr
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tinylab import kill_mid_study, write_wikitext_valid
+from tinylab import kill_mid_study_then_rerun, write_wikitext_valid
 
 from sparknet.config import ConfigError, load_config, to_dict
 from sparknet.errors import SparknetError
@@ -376,11 +376,7 @@ def test_worker_killed_mid_trial_then_rerun_ends_with_the_requested_trials(lab, 
     url = f"sqlite:///{lab / 'killed.db'}"
     cmd = [sys.executable, "-m", "sparknet.sweep", *args_for(lab, "killed", "--heartbeat", "1", trials=2,
                                                                storage=url)]
-    killed = kill_mid_study(cmd, subprocess_env, lab, lab / "killed.db")
-    assert killed, "the worker finished before it could be killed mid-trial"
-    assert trial_states(url, "killed").get("RUNNING") == 1
-
-    done = subprocess.run(cmd, env=subprocess_env, cwd=lab, capture_output=True, text=True, timeout=300)
+    done = kill_mid_study_then_rerun(cmd, subprocess_env, lab, lab / "killed.db")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     states = trial_states(url, "killed")
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2

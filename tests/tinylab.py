@@ -96,6 +96,17 @@ def kill_mid_study(cmd: list[str], env: dict[str, str], cwd: Path, db: Path, tim
     return killed
 
 
+def kill_mid_study_then_rerun(cmd: list[str], env: dict[str, str], cwd: Path, db: Path,
+                              timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`kill_mid_study`, checked (it was killed so, and left exactly one trial RUNNING with no heartbeat), then the
+    same command run again to the end: the rerun's CompletedProcess."""
+    assert kill_mid_study(cmd, env, cwd, db), "the worker finished before it could be killed mid-study"
+    with sqlite3.connect(db, timeout=5) as con:
+        running = [s for (s,) in con.execute("SELECT state FROM trials") if s == "RUNNING"]
+    assert len(running) == 1, f"{len(running)} trials RUNNING after the kill"
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+
+
 def timed_study(prefix: str, proxy_tokens: str, cli, **mixture: Any) -> tuple[int, float, list, list, list]:
     """For the study benchmarks (scripts/bench_sweep.py, bench_ablate.py): in a temporary lab with the tiny recipe
     (`mixture`: tiny_mixture's overrides), warm the token stores and the BPE once (as a study's first run would),
