@@ -497,9 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         print(dry_run(cfg, args.processes))
         return 0
-    # SIGTERM (a scheduler's stop, `kill`, torchrun ending its workers) takes the Ctrl-C path: the run's MLflow run
-    # ends KILLED and its state "interrupted", its lock is released, and a rerun resumes from the last checkpoint.
-    signal.signal(signal.SIGTERM, _terminate)
+
     if cfg.train.device == "auto":  # before preparing (tens of minutes at 1B tokens): refuse an accidental CPU run now
         import torch
 
@@ -507,7 +505,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             check_cpu_fallback(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # raises; a warning waits for training
-    out = execute(cfg, fresh=args.fresh, progress=not args.quiet)
+    # SIGTERM (a scheduler's stop, `kill`, torchrun ending its workers) takes the Ctrl-C path: the run's MLflow run
+    # ends KILLED and its state "interrupted", its lock is released, and a rerun resumes from the last checkpoint.
+    # Only while this run executes: a caller in the same process (a test, a notebook) gets its handler back.
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        out = execute(cfg, fresh=args.fresh, progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     r = out.result
     if out.result:
         val = ", ".join(f"{k} {v:.3f}" for k, v in r["val_loss"].items())

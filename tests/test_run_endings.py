@@ -58,3 +58,23 @@ def test_sigterm_ends_the_mlflow_run_killed_and_a_changed_resume_is_refused(tmp_
     assert state["status"] == "finished"
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'lab' / 'mlflow.db'}").get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+
+def test_the_sigterm_handler_is_the_runs_only_while_it_executes(tmp_path, tiny_mixture, monkeypatch):
+    """In-process callers (tests, notebooks, a sweep's worker) get their own SIGTERM handler back after a run."""
+    import sparknet.run as run
+
+    seen = []
+
+    def fake_execute(cfg, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return run.RunOutcome(tmp_path, {}, None)
+
+    monkeypatch.setattr(run, "execute", fake_execute)
+    monkeypatch.setattr(run, "preflight", lambda cfg: None)
+    mine = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert run.main([str(tiny_mixture(tmp_path)), f"lab_dir={tmp_path / 'lab'}", "--quiet"]) == 0
+        assert seen == [run._terminate] and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, mine)
