@@ -201,17 +201,17 @@ def _read_rows(path: Path) -> list[str]:
 
             table = pq.read_table(path)
             if "text" not in table.column_names:
-                raise SparknetError(f"{path}: no `text` column (has {', '.join(table.column_names)})")
+                raise SparknetError(f"{path}: no `text` column (has {', '.join(table.column_names)}) (fix: a file with WikiText's `text` column)")
             return [t if t is not None else "" for t in table.column("text").to_pylist()]
         # newline=None: "\r\n" and "\r" read as "\n", as HF's builder reads the original files.
         with open(path, encoding="utf-8") as f:
             return parse_raw(f.read())
     except OSError as exc:
-        raise SparknetError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        raise SparknetError(f"{path}: cannot read it ({exc.strerror or exc}) (fix: check its permissions, or point at another copy)") from None
     except UnicodeDecodeError as exc:
-        raise SparknetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise SparknetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}) (fix: use the raw UTF-8 files, wiki.*.raw)") from None
     except ValueError as exc:  # parse_raw
-        raise SparknetError(f"{path}: not a WikiText raw file ({exc})") from None
+        raise SparknetError(f"{path}: not a WikiText raw file ({exc}) (fix: use wiki.test.raw / wiki.valid.raw, jsonl or parquet)") from None
 
 
 def _split_of_name(name: str) -> str | None:

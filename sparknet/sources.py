@@ -65,7 +65,7 @@ def iter_documents(src: SourceConfig, start: int = 0, *, revision: str | None = 
     elif src.kind == "pydocs":
         yield from _skip(_iter_pydocs(src), start)
     else:  # validated by config; kept for safety
-        raise SparknetError(f"source {src.name!r}: unknown kind {src.kind!r}")
+        raise SparknetError(f"source {src.name!r}: unknown kind {src.kind!r} (fix: hf, local, blog or pydocs)")
 
 
 def source_identity(src: SourceConfig) -> dict:
@@ -163,7 +163,7 @@ def _iter_hf(src: SourceConfig, start: int, revision: str | None = None) -> Iter
     try:
         import datasets
     except ImportError:  # pragma: no cover - a declared dependency
-        raise SparknetError("source kind 'hf' needs the `datasets` package (pip install datasets)") from None
+        raise SparknetError("source kind 'hf' needs the `datasets` package (fix: pip install datasets)") from None
     local = Path(src.path)
     pinned = revision is not None and revision != src.revision and not local.exists()
     where = (f"source {src.name!r} (hf {src.path!r}, split {src.split!r}, revision {src.revision!r}"

@@ -607,7 +607,7 @@ def find_runs(uri: str, experiments: list[str] | None = None, run_ids: list[str]
             run = client.get_run(run_id)
         except Exception as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
-                raise SparknetError(f"--run-id {run_id}: no such run at {uri}") from None
+                raise SparknetError(f"--run-id {run_id}: no such run at {uri} (fix: copy the id from the MLflow UI, or check --tracking-uri)") from None
             raise _unreachable(uri, f"read run {run_id}", exc) from None
         exp = client.get_experiment(run.info.experiment_id)
         runs[run_id] = _record(run, exp.name if exp is not None else run.info.experiment_id)
