@@ -191,7 +191,11 @@ def test_rerunning_a_finished_study_adds_no_trials_and_rewrites_nothing(lab, fou
     readme = four.folder / "README.md"
     before, text = trial_states(f"sqlite:///{lab / 'optuna.db'}", "four"), readme.read_text()
     mtime = readme.stat().st_mtime_ns
-    assert main(args_for(lab, "four", "train.log_every_steps=5")) == 0  # an operational override: the same study
+    overrides = load(lab, "four").user_attrs["sparknet.overrides"]
+    try:
+        assert main(args_for(lab, "four", "train.log_every_steps=5")) == 0  # an operational override: the same study
+    finally:  # the rerun records its overrides on the study: leave the shared study as the fixture made it
+        load(lab, "four").set_user_attr("sparknet.overrides", overrides)
     assert trial_states(f"sqlite:///{lab / 'optuna.db'}", "four") == before
     assert readme.stat().st_mtime_ns == mtime and readme.read_text() == text
     assert f"summary in {four.folder}/ was written by" in capsys.readouterr().out
