@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparknet import atomic
 from sparknet.config import RunConfig, config_from_cli, mixture_cli
 from sparknet.data import Loader, num_slots
 from sparknet.errors import SparknetError, at_least, cli_main
@@ -39,7 +40,7 @@ from sparknet.sources import (
     source_identity,
 )
 from sparknet.store import SourceStore, store_complete, val_rule
-from sparknet.store_write import _write_atomic, prepare_source, val_excluder
+from sparknet.store_write import prepare_source, val_excluder
 from sparknet.tokenizer import Tokenizer, TokenizerSpec, from_spec, train_bpe
 
 
@@ -261,8 +262,7 @@ def prepare(cfg: RunConfig, *, workers: int | None = None, progress: bool = True
     prepared = Prepared(cfg, plan, tok, stores, reports, window_deviation(plan), time.time() - t0, written)
     if write_report:
         out = lab / "prepared" / f"{cfg.name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, json.dumps(prepared.to_dict(), indent=1).encode())
+        atomic.write_json(out, prepared.to_dict(), durable=True)
     return prepared
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from sparknet import atomic
 from sparknet.config import RunConfig, config_from_cli, mixture_cli, to_dict
 from sparknet.errors import SparknetError, at_least, cli_main
-from sparknet.locks import RunBusy, prepare_lock, run_busy, run_lock  # noqa: F401  (RunBusy, run_busy: re-exported for studies)
+from sparknet.locks import prepare_lock, run_lock
 
 # Train fields that change how a run is operated, not what it computes: left out of the run's identity,
 # so e.g. checkpointing more often or moving to another device still resumes the same run.
@@ -158,22 +158,40 @@ def loss_curve_png(run_dir: Path, out: Path, title: str) -> Path | None:
     return out
 
 
-def eval_difference(run_dir: Path, cfg: RunConfig) -> str:
-    """How `cfg`'s eval settings differ from those the finished run in `run_dir` was evaluated with (its
-    config.yaml), as "eval.key: then X, now Y; ..."; "" when they are the same (or unknown). The eval section is
-    not part of the run's identity (it changes no weight), so a rerun with, say, another eval.wikitext finds the
-    finished run, whose figures were computed under the old settings: said, not silently returned."""
+# The eval settings a finished run's figures depend on (eval.batch_size, say, changes none of them).
+_EVAL_FIGURES = ("wikitext", "wikitext_path", "val_tokens", "every_tokens", "sample_prompts", "sample_tokens")
+
+
+def settings_difference(run_dir: Path, cfg: RunConfig, keys: tuple[str, ...]) -> str:
+    """How `cfg` differs, at the dotted `keys` ("eval.val_tokens"), from the config.yaml the run in `run_dir` was
+    started with, as "eval.val_tokens: then 2048, now 4096; ..."; "" when they are the same (or unknown). These
+    settings are not part of the run's identity (they change no weight), so the run's folder is found whatever
+    they are: a difference must be said here, not silently passed over."""
     import yaml
 
     try:
-        then = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("eval") or {}
+        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return ""
-    now = to_dict(cfg)["eval"]
-    keys = ("wikitext", "wikitext_path", "val_tokens", "every_tokens", "sample_prompts", "sample_tokens")
-    diff = [f"eval.{k}: then {then[k]!r}, now {now[k]!r}" for k in keys
-            if k in then and k in now and _plain(then[k]) != _plain(now[k])]
+    now = to_dict(cfg)
+    diff = []
+    for key in keys:
+        section, name = key.split(".")
+        old, new = (then.get(section) or {}).get(name), now[section][name]
+        if old is not None and _plain(old) != _plain(new):
+            diff.append(f"{key}: then {old!r}, now {new!r}")
     return "; ".join(diff)
+
+
+def eval_difference(run_dir: Path, cfg: RunConfig) -> str:
+    """A finished run rerun with other eval settings: its figures were computed under the old ones."""
+    return settings_difference(run_dir, cfg, tuple(f"eval.{k}" for k in _EVAL_FIGURES))
+
+
+def resume_difference(run_dir: Path, cfg: RunConfig) -> str:
+    """An unfinished run resumed with other eval settings or another MLflow experiment: refused, or one run would
+    hold two measurements."""
+    return settings_difference(run_dir, cfg, (*(f"eval.{k}" for k in to_dict(cfg)["eval"]), "tracking.experiment"))
 
 
 def _plain(value):
@@ -212,23 +230,6 @@ def preflight(cfg: RunConfig) -> None:
             find_local_file(cfg.eval.wikitext_path, "test")  # what the end of the run scores
         except SparknetError as exc:
             raise SparknetError(f"eval.wikitext_path: {exc}") from None
-
-
-def resume_difference(run_dir: Path, cfg: RunConfig) -> str:
-    """How `cfg` differs from the config an unfinished run in `run_dir` was started with, in what it measures or
-    where it records (eval.*, tracking.experiment), as "eval.val_tokens: then 2048, now 4096; ..."; "" when the same.
-    The run's identity (its folder) holds what changes the weights; these do not, so they must be compared here, or
-    a resume would silently mix two measurements in one run."""
-    import yaml
-
-    try:
-        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return ""
-    now = to_dict(cfg)
-    pairs = [(f"eval.{k}", (then.get("eval") or {}).get(k), now["eval"][k]) for k in now["eval"]]
-    pairs.append(("tracking.experiment", (then.get("tracking") or {}).get("experiment"), now["tracking"]["experiment"]))
-    return "; ".join(f"{key}: then {a!r}, now {b!r}" for key, a, b in pairs if a is not None and _plain(a) != _plain(b))
 
 
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,

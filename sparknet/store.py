@@ -215,7 +215,7 @@ class SourceStore:
         vocab = int(self.manifest["tokenizer"]["vocab_size"])
         out: list[tuple[str, str]] = []
         v = self.manifest["val"]
-        extra = [{"file": v["index"], "bytes": None}] if v and v.get("index") else []
+        extra = [{"file": v["index"]}] if v and v.get("index") else []  # no token count: checked by sha256
         for e in self.files() + extra:
             path = self.dir / e["file"]
             want = e["tokens"] * self.dtype.itemsize if "tokens" in e else None

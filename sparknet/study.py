@@ -196,7 +196,6 @@ def run_study(kind: StudyKind, *, confirm: bool) -> int:
     """Create or load the study, work on it until it has every trial it wants (or --timeout), then conclude."""
     quiet_optuna()
     with interrupt_handlers():
-        check_out_folder(kind.out, kind.study_name, kind.storage_url)
         storage = open_storage(kind.storage_url, kind.heartbeat_s)
         existing = find_study(kind.study_name, storage)
         if existing is not None:  # a rerun: a different question is an error before anything is prepared
@@ -284,7 +283,8 @@ def _owner(study_name: str, storage_url: str) -> dict[str, str]:
 
 def check_out_folder(out: Path, study_name: str, storage_url: str) -> None:
     """The study's folder is its own: one written by a study of the same name in another storage (another lab, a
-    PostgreSQL database) is refused before anything runs, never overwritten. A folder without an owner file (written
+    PostgreSQL database) is refused, never overwritten: by the command line before anything runs (`study_settings`),
+    and again before the summary is written. A folder without an owner file (written
     before folders recorded one) is taken as this study's."""
     try:
         owner = json.loads((out / OWNER_FILE).read_text())

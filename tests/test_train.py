@@ -90,7 +90,7 @@ def test_rerunning_a_finished_run_does_nothing(finished, lab, capsys):
 def test_a_second_launch_of_a_running_config_fails_and_touches_nothing(finished, lab, capsys):
     """The run folder's lock: a second `sparknet.run` of a config that is training (here: the lock held as the first
     launch holds it) fails in one line naming the holder, even with --fresh, which would delete the folder."""
-    from sparknet.run import run_busy, run_lock
+    from sparknet.locks import run_busy, run_lock
 
     cfg, out = finished
     before = sorted((p.relative_to(out.run_dir), p.stat().st_mtime_ns) for p in out.run_dir.rglob("*"))

@@ -25,6 +25,11 @@ DEFAULT_BASELINES = ("openai-community/gpt2", "codelion/gpt-2-70m")
 CACHE_VERSION = 2  # bump when a change in evaluate.py changes the numbers: old entries are then ignored
 
 
+def missing_folder(model: str) -> bool:
+    """`model` is meant as a local folder (a path; a hub id is "owner/name") and there is none."""
+    return not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1)
+
+
 def split_baseline(spec: str) -> tuple[str, str]:
     """"ID", "ID@REVISION" or a local path -> (model, revision)."""
     if Path(spec).expanduser().exists() or "@" not in spec:
@@ -183,8 +188,7 @@ def baseline_row(spec: str, protocols: Sequence[str], *, lab: Path, evaluate: bo
     model, revision = split_baseline(spec)
     row = Row(KIND_BASELINE, MEASURED, spec)
     local = Path(model).expanduser().exists()
-    if not local and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
-        # Meant as a folder (a hub id is "owner/name"): say so, rather than blame the hub for a typo in a path.
+    if missing_folder(model):  # say so, rather than blame the hub for a typo in a path
         row.notes.append(f"no such model folder: {model}")
         return row
     try:

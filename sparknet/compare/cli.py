@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparknet.compare.baselines import DEFAULT_BASELINES, split_baseline
+from sparknet.compare.baselines import DEFAULT_BASELINES, missing_folder, split_baseline
 from sparknet.compare.comparison import COMPARE_EXPERIMENT, compare, describe_trials
 from sparknet.compare.options import CompareOptions
 from sparknet.compare.render import terminal_width, to_text, to_text_wide
@@ -65,8 +65,7 @@ def check_evaluate_inputs(opts: CompareOptions, args) -> None:
         except SparknetError as exc:
             raise SparknetError(f"{where}: {exc}") from None
     for spec in args.baseline:
-        model, _ = split_baseline(spec)
-        if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+        if missing_folder(split_baseline(spec)[0]):
             raise SparknetError(f"--baseline {spec}: no such model folder (fix: the path of a saved model folder, "
                                 f"or a hub id such as openai-community/gpt2)")
 
