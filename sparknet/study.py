@@ -286,6 +286,9 @@ def check_out_folder(out: Path, study_name: str, storage_url: str) -> None:
     PostgreSQL database) is refused, never overwritten: by the command line before anything runs (`study_settings`),
     and again before the summary is written. A folder without an owner file (written
     before folders recorded one) is taken as this study's."""
+    if out.exists() and not out.is_dir():
+        raise SparknetError(f"--out {out}: is a file, not a folder for the study's answer (fix: --out DIR of a folder, "
+                            f"or leave it out for experiments/{study_name}/)")
     try:
         owner = json.loads((out / OWNER_FILE).read_text())
     except (OSError, ValueError):

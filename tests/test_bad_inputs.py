@@ -122,7 +122,9 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
     ("sweep-override", "sweep", ["--mixture", "{mix}", "--space", "{space}", "train.lr=abc"], ["train.lr=abc"]),
     ("sweep-out-taken", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--study", "mine", "--out",
                                   "{tmp}/taken"], ["--out", "taken", "another"]),
+    ("sweep-out-file", "sweep", ["--mixture", "{mix}", "--space", "{space}", "--out", "{file}"], ["--out", "is a file"]),
     # --- ablate
+    ("ablate-out-file", "ablate", ["{mix}", "--design", "leave-one-out", "--out", "{file}"], ["--out", "is a file"]),
     ("ablate-flag", "ablate", ["{mix}", "--design", "leave-one-out", "--bogus"], ["--bogus"]),
     ("ablate-no-mixture", "ablate", [], ["MIXTURE"]),
     ("ablate-mixture-missing", "ablate", ["{tmp}/nope.yaml", "--design", "leave-one-out"], ["nope.yaml"]),
