@@ -159,7 +159,8 @@ def loss_curve_png(run_dir: Path, out: Path, title: str) -> Path | None:
 
 
 # The eval settings a finished run's figures depend on (eval.batch_size, say, changes none of them).
-_EVAL_FIGURES = ("wikitext", "wikitext_path", "val_tokens", "every_tokens", "sample_prompts", "sample_tokens")
+_EVAL_FIGURES = ("wikitext", "wikitext_path", "val_tokens", "every_tokens", "sample_prompts", "sample_tokens",
+                 "downstream", "downstream_items", "downstream_shots", "downstream_path")
 
 
 def settings_difference(run_dir: Path, cfg: RunConfig, keys: tuple[str, ...]) -> str:
@@ -230,6 +231,12 @@ def preflight(cfg: RunConfig) -> None:
             find_local_file(cfg.eval.wikitext_path, "test")  # what the end of the run scores
         except SparknetError as exc:
             raise SparknetError(f"eval.wikitext_path: {exc}") from None
+    if cfg.eval.downstream:
+        from sparknet.downstream.tasks import check_data
+
+        warning = check_data(cfg.eval.downstream, cfg.eval.downstream_path or None, cfg.eval.downstream_shots)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def execute(cfg: RunConfig, *, fresh: bool = False, progress: bool = True, parent_run_id: str | None = None,
@@ -375,6 +382,7 @@ def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator,
     os.replace(tmp, final)
     result.final_model = str(final)
     result_dict = result.to_dict() | score_wikitext(cfg, final, prepared, accelerator, tracker, result.steps)
+    result_dict |= score_downstream(cfg, run_dir, final, prepared, accelerator, tracker, result.steps)
     (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
     tracker.log_artifact(run_dir / "result.json")
     _finish_artifacts(cfg, run_dir, tracker)
@@ -418,6 +426,38 @@ def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, 
               + f"  ({r.tokens:,} tokens, {r.seconds:.1f} s)", flush=True)
     tracker.log_metrics(metrics, step)
     return {"wikitext": [r.to_dict() for r in results], "wikitext_skipped": ""}
+
+
+def score_downstream(cfg: RunConfig, run_dir: Path, final: Path, prepared, accelerator, tracker, step: int) -> dict:
+    """The final model on `eval.downstream` (report items, `eval.downstream_items` of each), recorded as MLflow
+    metrics `downstream/<task>/<metric>`, `downstream.json` and `downstream.md`; unreachable task data is a recorded
+    gap (`downstream_skipped`), as for WikiText-2: the training is done and must not be lost."""
+    from sparknet.downstream.evaluation import evaluate_tasks, mlflow_metrics, table
+    from sparknet.downstream.score import ScoringModel
+    from sparknet.downstream.tasks import resolve_data
+    from sparknet.model import load_exported
+
+    if not cfg.eval.downstream:
+        return {"downstream": [], "downstream_skipped": "eval.downstream is empty"}
+    model = load_exported(final, cfg.model).to(accelerator.device).eval()
+    tok = prepared.tokenizer
+    scorer = ScoringModel(lambda ids: model(ids).float(), tok.encode_batch, tok.eot_id, model.shape.n_positions,
+                          tok.vocab_size, accelerator.device)
+    items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
+    try:
+        root = resolve_data(cfg.eval.downstream_path or None)
+        results = evaluate_tasks(scorer, cfg.eval.downstream, n_items=items, shots=cfg.eval.downstream_shots,
+                                 root=root, echo=lambda line: print(line, flush=True))
+    except SparknetError as exc:
+        print(f"warning: downstream tasks not scored: {exc}", file=sys.stderr)
+        tracker.set_tags({"sparknet.downstream_skipped": str(exc)[:5000]})
+        return {"downstream": [], "downstream_skipped": str(exc)}
+    tracker.log_metrics(mlflow_metrics(results), step)
+    atomic.write_json(run_dir / "downstream.json", [r.to_dict() for r in results])
+    atomic.write_bytes(run_dir / "downstream.md", (table(results) + "\n").encode())
+    for name in ("downstream.json", "downstream.md"):
+        tracker.log_artifact(run_dir / name)
+    return {"downstream": [r.to_dict() for r in results], "downstream_skipped": ""}
 
 
 def _finish_artifacts(cfg: RunConfig, run_dir: Path, tracker) -> None:

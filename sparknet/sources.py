@@ -480,10 +480,42 @@ def _stdlib_files() -> tuple[str, ...]:
 
 
 def _distributions() -> tuple[tuple[str, str, object], ...]:
-    """The installed distributions (name, version, dist), by name. Cached per sys.path (what they are found on):
-    reading every METADATA file takes about a second, and one prepare asks several times (the store key lists
-    them, every pass over `readmes` reads them)."""
+    """The distributions whose READMEs the `readmes` part reads (name, version, dist), by name: those sparknet
+    needs to run (its declared dependencies and theirs, markers evaluated, extras left out, sparknet itself
+    left out), or every installed one when sparknet is not installed as a distribution (a bare source tree).
+
+    Why not every installed one: then a developer tool (pytest-randomly, ruff) installed beside sparknet would
+    change the quickstart's text, and with it every number of a worked example; sparknet's own README changes
+    with every commit. Cached per sys.path (what they are found on): reading every METADATA file takes about a
+    second, and one prepare asks several times (the store key lists them, every pass over `readmes` reads them)."""
     return _distributions_on(tuple(sys.path))
+
+
+def _runtime_closure(dists: dict) -> set[str] | None:
+    """The normalized names of sparknet's runtime dependencies, transitively (None: sparknet is not installed)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if "sparknet" not in dists:
+        return None
+    seen: set[str] = set()
+    todo = ["sparknet"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in dists:
+            continue
+        seen.add(name)
+        for line in dists[name][2].requires or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(_normalized(req.name))
+    return seen - {"sparknet"}
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
 
 
 @functools.lru_cache(maxsize=2)
@@ -493,9 +525,10 @@ def _distributions_on(path: tuple[str, ...]) -> tuple[tuple[str, str, object], .
     seen = {}
     for dist in metadata.distributions(path=list(path)):
         name = (dist.metadata.get("Name") or "").strip()
-        if name and name.lower() not in seen:
-            seen[name.lower()] = (name, dist.version, dist)
-    return tuple(seen[k] for k in sorted(seen))
+        if name and _normalized(name) not in seen:
+            seen[_normalized(name)] = (name, dist.version, dist)
+    keep = _runtime_closure(seen)
+    return tuple(seen[k] for k in sorted(seen) if keep is None or k in keep)
 
 
 def module_docstrings(source: str, tree: ast.AST | None = None) -> str:

@@ -43,7 +43,7 @@ def tiny_mixture(*, max_repeats: int = 4, **sections: dict[str, Any]) -> dict[st
         "model": {"preset": "cpu-tiny", "n_positions": 64},
         "train": {"seq_len": 64, "micro_batch_size": 8, "batch_tokens": 512, "lr": 3e-3, "min_lr": 3e-4,
                   "checkpoint_minutes": 0},
-        "eval": {"val_tokens": 2048, "sample_tokens": 4, "sample_prompts": ["The"], "wikitext": []},
+        "eval": {"val_tokens": 2048, "sample_tokens": 4, "sample_prompts": ["The"], "wikitext": [], "downstream": []},
         "prepare": {"workers": 1, "shard_tokens": 65536},
     }
     for section, values in sections.items():

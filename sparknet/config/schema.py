@@ -375,6 +375,12 @@ class PrepareConfig:
             at.fail("batch_documents", "must be > 0", "use e.g. 256")
 
 
+# The downstream task names (sparknet.downstream.tasks defines them; the config layer only names them, so it stays
+# free of the task code). tests/test_downstream.py checks that the two lists agree.
+DOWNSTREAM_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa",
+                    "lambada_openai", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
+DEFAULT_DOWNSTREAM = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "openbookqa", "lambada_openai",
+                      "truthfulqa_mc2", "mmlu")
 DEFAULT_PROMPTS = ("The meaning of life is", "In 1492, Columbus", "The derivative of x^2 is",
                    "def fibonacci(n):")
 
@@ -394,12 +400,31 @@ class EvalConfig:
                                    "sparknet-blog, hf-strided-<stride>.")
     wikitext_path: str = _f("", "A local WikiText-2 copy (folder with wiki.test.raw / wiki.valid.raw, or "
                             "jsonl/parquet); default: $SPARKNET_WIKITEXT, else the hub through datasets.")
+    downstream: tuple[str, ...] = _f(DEFAULT_DOWNSTREAM, "Downstream tasks scored on the final model, as "
+                                     "lm-evaluation-harness scores them (empty: none): " + ", ".join(DOWNSTREAM_TASKS)
+                                     + ".")
+    downstream_items: int | Literal["all"] = _f(500, "Items per downstream task at the end of a run: a seeded, "
+                                                "stratified subset of its report items (the same for every run), "
+                                                "or all.")
+    downstream_shots: int = _f(5, "Few-shot examples for the tasks that take them (mmlu: from the dev pool of "
+                               "the question's subject, at most 5).")
+    downstream_path: str = _f("", "A local copy of the task files (laid out like shared/data/downstream); "
+                              "default: $SPARKNET_DOWNSTREAM, else the hub through datasets.")
 
     def validate(self, at: _At) -> None:
         for i, name in enumerate(self.wikitext):
             if name != "sparknet-blog" and not re.fullmatch(r"hf-strided-[1-9]\d*", name):
                 at.fail(f"wikitext[{i}]", f"unknown protocol {name!r}",
                         "use sparknet-blog or hf-strided-<stride>, e.g. hf-strided-512")
+        for i, name in enumerate(self.downstream):
+            if name not in DOWNSTREAM_TASKS:
+                at.fail(f"downstream[{i}]", f"unknown task {name!r}", f"use one of {', '.join(DOWNSTREAM_TASKS)}")
+        if self.downstream_items != "all" and self.downstream_items <= 0:
+            at.fail("downstream_items", f"must be a positive number or all, got {self.downstream_items}",
+                    "use e.g. 500, or all")
+        if not 0 <= self.downstream_shots <= 5:
+            at.fail("downstream_shots", f"{self.downstream_shots} shots: mmlu's pool has 5 per subject",
+                    "use 0 to 5")
         if self.every_tokens <= 0:
             at.fail("every_tokens", f"must be > 0, got {self.every_tokens}", "use e.g. 50M")
         if self.val_tokens < 0 or self.batch_size <= 0 or self.sample_tokens < 0:

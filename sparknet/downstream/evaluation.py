@@ -1,0 +1,132 @@
+"""A model on a set of downstream tasks: the items of each task, our scorer, the figures with their standard
+errors, and how they are shown and recorded (the table printed, `downstream.json`, MLflow metrics
+`downstream/<task>/<metric>` and `..._stderr`).
+
+Every result says what it was measured on: the role of its items (`report`, `select` or `full`, see
+`sparknet.downstream.tasks`), how many of how many (a subset is a subset, and the table says so), the shots,
+the engine (`sparknet`: our scorer; `lm-eval`: the harness itself), and the data's caveat (HellaSwag's local copy
+is preprocessed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sparknet.downstream.metrics import score_items
+from sparknet.downstream.score import ScoringModel, score_pairs
+from sparknet.downstream.tasks import Item, load_items, task_spec
+
+# Metrics in the order tables show them: bpb first (it moves at 70M parameters where accuracy sits at chance).
+METRIC_ORDER = ("bpb", "acc_norm", "acc", "acc_macro", "perplexity")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    role: str
+    n_items: int
+    n_available: int
+    shots: int
+    metrics: dict[str, float]
+    stderr: dict[str, float]
+    seconds: float
+    engine: str = "sparknet"
+    source: str = ""                  # the folder read, or "hub"
+    caveat: str = ""
+    items_sha256: str = ""            # of the items' positions: two results on the same items have the same one
+    per_item: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    @property
+    def subset(self) -> bool:
+        return self.n_items < self.n_available
+
+    def to_dict(self, per_item: bool = False) -> dict:
+        d = asdict(self)
+        if not per_item:
+            d.pop("per_item")
+        return d
+
+
+def items_sha256(items: Sequence[Item]) -> str:
+    return hashlib.sha256(",".join(str(it.index) for it in items).encode()).hexdigest()
+
+
+def evaluate_tasks(model: ScoringModel, names: Sequence[str], *, role: str = "report", n_items: int | None = None,
+                   shots: int | None = None, root: Path | None = None, max_batch_tokens: int | None = None,
+                   echo=None) -> list[TaskResult]:
+    """Score `model` on each task of `names` (items of `role`, at most `n_items` each; `shots` for the tasks that
+    take them, default each task's own). `echo(line)` is told each task's figures as they come."""
+    results = []
+    for name in names:
+        spec = task_spec(name)
+        task_shots = (spec.shots_default if shots is None else shots) if "pool" in spec.files else 0
+        everything = load_items(name, role, None, task_shots, root)
+        items = load_items(name, role, n_items, task_shots, root) if n_items else everything
+        start = time.perf_counter()
+        pairs = [p for it in items for p in it.pairs]
+        scores = score_items(name, spec.kind, items, score_pairs(model, pairs, max_batch_tokens))
+        result = TaskResult(name, role, len(items), len(everything), task_shots, scores.metrics, scores.stderr,
+                            time.perf_counter() - start, source=str(root) if root else "hub",
+                            caveat=spec.caveat if root is not None else "", items_sha256=items_sha256(items),
+                            per_item=scores.per_item)
+        results.append(result)
+        if echo:
+            echo(result_line(result))
+    return results
+
+
+def _fmt(value: float, stderr: float | None) -> str:
+    if stderr is None or math.isnan(stderr):
+        return f"{value:.4f}"
+    return f"{value:.4f} ± {stderr:.4f}"
+
+
+def result_line(r: TaskResult) -> str:
+    figures = "  ".join(f"{m} {_fmt(r.metrics[m], r.stderr.get(m))}" for m in METRIC_ORDER if m in r.metrics)
+    of = f"{r.n_items:,} of {r.n_available:,} {r.role} items" if r.subset else f"{r.n_items:,} {r.role} items"
+    shots = f", {r.shots}-shot" if r.shots else ""
+    return f"downstream {r.task:<15} {figures}  ({of}{shots}, {r.seconds:.1f} s)"
+
+
+def table(results: Sequence[TaskResult]) -> str:
+    """A markdown table of the results, bpb first, with the notes each needs (subsets, caveats)."""
+    lines = ["| task | items | bpb | acc_norm | acc | other |", "|---|---|---|---|---|---|"]
+    notes = []
+    for r in results:
+        items = f"{r.n_items:,} of {r.n_available:,} ({r.role})" if r.subset else f"{r.n_items:,} ({r.role})"
+        if r.shots:
+            items += f", {r.shots}-shot"
+        cells = [_fmt(r.metrics[m], r.stderr.get(m)) if m in r.metrics else "" for m in ("bpb", "acc_norm", "acc")]
+        other = "; ".join(f"{m} {_fmt(r.metrics[m], r.stderr.get(m))}" for m in ("acc_macro", "perplexity")
+                          if m in r.metrics)
+        lines.append(f"| {r.task}{' *' if r.caveat else ''} | {items} | " + " | ".join(cells) + f" | {other} |")
+        if r.caveat and r.caveat not in notes:
+            notes.append(r.caveat)
+    if any(r.subset for r in results):
+        lines.append("")
+        lines.append("Subsets: seeded and stratified (the same items for every model); full-set figures (model cards) "
+                     "are not comparable to them cell for cell.")
+    for n in notes:
+        lines.append("")
+        lines.append(f"\\* {n}")
+    if any(r.task == "truthfulqa_mc2" for r in results):
+        lines.append("")
+        lines.append("truthfulqa_mc2 acc: the normalized probability mass on the true answers (the harness's mc2).")
+    return "\n".join(lines)
+
+
+def mlflow_metrics(results: Sequence[TaskResult], prefix: str = "downstream") -> dict[str, float]:
+    """`downstream/<task>/<metric>` and `downstream/<task>/<metric>_stderr` for every figure."""
+    out = {}
+    for r in results:
+        for m, v in r.metrics.items():
+            out[f"{prefix}/{r.task}/{m}"] = v
+            se = r.stderr.get(m)
+            if se is not None and not math.isnan(se):
+                out[f"{prefix}/{r.task}/{m}_stderr"] = se
+    return out
