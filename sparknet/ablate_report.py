@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sparknet.ablate_effects import effects_frame, effects_markdown
 from sparknet.config import load_config, to_dict
 from sparknet.errors import SparknetError
 from sparknet.mixfit import Fit, fit_objective, spearman
-from sparknet.objective import WIKITEXT_VALID
+from sparknet.objective import DOWNSTREAM, WIKITEXT_VALID
 from sparknet.study import Summary
 from sparknet.study_files import markdown_table, save_figure, write_csv, write_text
 from sparknet.study_storage import counts, finished_trials, redact
@@ -65,6 +66,8 @@ def results_frame(abl, study):
         row["val/loss"] = float(np.mean([val[n] for n in abl.names])) if all(n in val for n in abl.names) else None
         if "wikitext_valid_bpb" in t.user_attrs:
             row["wikitext-valid/bpb"] = t.user_attrs["wikitext_valid_bpb"]
+        for task, figures in (t.user_attrs.get("downstream") or {}).items():  # report items, every run's end
+            row[f"downstream/{task}/bpb"] = figures.get("bpb")
         row[metric] = t.value
         row |= {"seconds": t.user_attrs.get("seconds"), "note": (t.user_attrs.get("reason") or "")[:80]}
         rows.append(row)
@@ -269,7 +272,12 @@ def write_ablation_summary(abl, study) -> Summary:
         + (f" (stage {abl.stage}; the other stages keep theirs)" if abl.stage is not None else "") + ".\n"
         f"# Train it: python -m sparknet.run {out_dir / 'best.yaml'}\n" + tuned
         + yaml.safe_dump(to_dict(full), sort_keys=False))
-    text = readme(abl, study, show, formats, facts, fit, weights, why, plots, mismatched, len(runs))
+    effects_md = effects_markdown(abl, done)
+    if effects_md:
+        print(effects_md)
+        plots.append(write_csv(out_dir / "effects.csv", effects_frame(abl, done)))
+    text = readme(abl, study, show, formats, facts, fit, weights, why, [p for p in plots if p.suffix == ".png"],
+                  mismatched, len(runs), effects_md)
     files = [*plots, results, best, write_text(out_dir / "README.md", text)]
     best_value = float(measured[metric].iloc[0])
     c = counts(study)
@@ -296,16 +304,25 @@ def question(abl) -> str:
             f"{abl.design_label()})?")
 
 
-def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mismatched, n_runs) -> str:
+def _objective_note(obj, wik: dict, base) -> str:
+    if obj.kind == DOWNSTREAM:
+        return (f"; mean over {', '.join(obj.tasks(base))} of the correct-answer bpb on their select items "
+                f"(validation files or a fixed half), disjoint from the report items every run ends with")
+    if obj.tuned_on:
+        return (f"; WikiText-2 validation split, text sha256 {wik.get('sha256', '')[:12]}, {wik.get('rows', '?')} "
+                f"rows; the study selects on it, so its figures for the chosen mixture are tuned: report the test "
+                f"split")
+    return ""
+
+
+def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mismatched, n_runs,
+           effects_md: str = "") -> str:
     obj = abl.objective
     metric = obj.metric
     wik = study.user_attrs.get("sparknet.objective_data") or {}
     base = load_config(abl.mixture, list(abl.base_overrides))
     lines = [f"# Mixture ablation {abl.study_name}", "", f"Question: {question(abl)}", "",
-             f"Objective: {metric} ({obj.unit}, lower is better"
-             + (f"; WikiText-2 validation split, text sha256 {wik.get('sha256', '')[:12]}, {wik.get('rows', '?')} "
-                f"rows; the study selects on it, so its figures for the chosen mixture are tuned: report the test "
-                f"split" if obj.tuned_on else "")
+             f"Objective: {metric} ({obj.unit}, lower is better" + _objective_note(obj, wik, base)
              + f"). Model {base.model.preset}, tokenizer {base.tokenizer.name}"
              + (f" ({base.tokenizer.vocab_size:,})" if base.tokenizer.name == "bpe" else "") + ".", "",
              "```", command_line(abl), "```", "",
@@ -324,6 +341,10 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
                 if fit.predicted_best is not None else ""), "",
              f"`best.yaml`: {why}; weights {weights_text(abl.names, weights)} at the mixture's full budget. Train it "
              f"with `python -m sparknet.run {abl.out / 'best.yaml'}`.", ""]
+    if effects_md:
+        lines += ["## Which source helps which metric", "",
+                  "Held-out losses per source and each downstream task's correct-answer bpb on its report items "
+                  "(the items no study selects by; `effects.csv` has every number).", "", effects_md, ""]
     for p in plots:
         lines += [f"![{p.stem}]({p.name})", ""]
     return "\n".join(lines)

@@ -25,6 +25,13 @@ Three objectives, all lower-is-better:
   the whole split each time, so the intermediate value is the mean held-out loss (`intermediate_metric`
   says so); only the final value is bits per byte.
 
+- `downstream` (metric `downstream-select/bpb`): the mean correct-answer bits per byte over the task set
+  (`eval.downstream`, else the default set), and `downstream/<task>` (metric `downstream-select/<task>/bpb`): one
+  task's. Scored on the final model, on the tasks' **select** items (validation files, or a fixed half: see
+  `sparknet.downstream.tasks`), `eval.downstream_items` of each; the report items every run ends with are
+  disjoint from them, so a study's choice is never judged on the items that chose it. As for wikitext-valid, the
+  pruner sees the mean held-out loss.
+
 Every trial records all per-source losses, so a study can be re-read against another objective:
 `Objective.parse("val/code", names).value(trial.user_attrs["val_loss"])`.
 """
@@ -39,21 +46,24 @@ from sparknet.errors import SparknetError
 
 VAL = "val"
 WIKITEXT_VALID = "wikitext-valid"
+DOWNSTREAM = "downstream"
+DOWNSTREAM_METRIC = "downstream-select"  # its metrics: downstream-select/bpb, downstream-select/<task>/bpb
 # The metric names runs log (train.py: val/loss, val/loss/<source>), accepted as names too.
 _VAL_ALIASES = ("val", "val/loss")
 
 
 def _names_text(source_names: Sequence[str]) -> str:
-    return f"{VAL}, {VAL}/<source> ({', '.join(source_names)}) or {WIKITEXT_VALID}"
+    return f"{VAL}, {VAL}/<source> ({', '.join(source_names)}), {WIKITEXT_VALID}, {DOWNSTREAM} or {DOWNSTREAM}/<task>"
 
 
 @dataclass(frozen=True)
 class Objective:
     """A parsed objective. `sources` are the mixture's source names (the mean of `val` is over all of them)."""
 
-    kind: str  # "val" | "source" | "wikitext-valid"
+    kind: str  # "val" | "source" | "wikitext-valid" | "downstream"
     sources: tuple[str, ...]
     source: str | None = None
+    task: str | None = None  # downstream: one task, or None for the mean over the task set
     # WikiText-2 validation rows and token ids, loaded once (check) and reused by every trial.
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
@@ -69,6 +79,12 @@ class Objective:
             return cls(VAL, names)
         if t == WIKITEXT_VALID:
             return cls(WIKITEXT_VALID, names)
+        if t == DOWNSTREAM:
+            return cls(DOWNSTREAM, names)
+        if t.startswith(DOWNSTREAM + "/"):
+            from sparknet.downstream.tasks import task_spec
+
+            return cls(DOWNSTREAM, names, task=task_spec(t[len(DOWNSTREAM) + 1:], field=f"objective {text!r}").name)
         for prefix in ("val/loss/", "val/"):
             if t.startswith(prefix):
                 source = t[len(prefix):]
@@ -81,26 +97,32 @@ class Objective:
     @property
     def name(self) -> str:
         """The canonical text: `Objective.parse(o.name, o.sources) == o`."""
+        if self.kind == DOWNSTREAM:
+            return f"{DOWNSTREAM}/{self.task}" if self.task else DOWNSTREAM
         return {VAL: VAL, WIKITEXT_VALID: WIKITEXT_VALID}.get(self.kind, f"{VAL}/{self.source}")
 
     @property
     def metric(self) -> str:
         """The metric the value is logged as (MLflow, tables)."""
+        if self.kind == DOWNSTREAM:
+            return f"{DOWNSTREAM_METRIC}/{self.task}/bpb" if self.task else f"{DOWNSTREAM_METRIC}/bpb"
         return {VAL: "val/loss", WIKITEXT_VALID: "wikitext-valid/bpb"}.get(self.kind, f"val/loss/{self.source}")
 
     @property
     def unit(self) -> str:
-        return "bits/byte" if self.kind == WIKITEXT_VALID else "nats/token"
+        return "bits/byte" if self.kind in (WIKITEXT_VALID, DOWNSTREAM) else "nats/token"
 
     @property
     def intermediate_metric(self) -> str:
         """What `intermediate` returns: the objective's own metric, except for wikitext-valid (mean val loss)."""
-        return "val/loss" if self.kind == WIKITEXT_VALID else self.metric
+        return "val/loss" if self.kind in (WIKITEXT_VALID, DOWNSTREAM) else self.metric
 
     @property
     def tuned_on(self) -> str:
         """The evaluation data this objective selects on, for tables to mark as tuned ("" for held-out slices,
         which no report uses as a benchmark)."""
+        if self.kind == DOWNSTREAM:
+            return "downstream select items"
         return "wikitext-2-validation" if self.kind == WIKITEXT_VALID else ""
 
     # -- values ----------------------------------------------------------------------------------
@@ -126,6 +148,11 @@ class Objective:
         wikitext-valid needs `wikitext_valid_bpb` (from `measure`, or a trial's `wikitext_valid_bpb` attr)."""
         result = losses_or_result
         losses = result["val_loss"] if isinstance(result.get("val_loss"), Mapping) else result
+        if self.kind == DOWNSTREAM:
+            if self.metric not in result:
+                raise SparknetError(f"{self.metric}: this run was not scored on the downstream select items (fix: "
+                                    f"Objective.measure(outcome, cfg) scores its final model)")
+            return float(result[self.metric])
         if self.kind == WIKITEXT_VALID:
             bpb = wikitext_valid_bpb if wikitext_valid_bpb is not None else result.get("wikitext_valid_bpb")
             if bpb is None:
@@ -141,6 +168,11 @@ class Objective:
         validation split must be readable from eval.wikitext_path, $SPARKNET_WIKITEXT or the hub cache."""
         if self.kind == WIKITEXT_VALID:
             self._rows(cfg)
+        if self.kind == DOWNSTREAM:
+            from sparknet.downstream.tasks import check_data, resolve_data
+
+            resolve_data(cfg.eval.downstream_path or None)  # a study cannot optimize what it cannot read
+            check_data(self.tasks(cfg), cfg.eval.downstream_path or None, cfg.eval.downstream_shots)
 
     def check_prepared(self, prepared, cfg, *, pruned: bool = False) -> None:
         """Fail now (one line) if a held-out loss the objective needs will not exist once the runs have trained:
@@ -148,7 +180,7 @@ class Objective:
         slice (capped at eval.val_tokens) holds at least one window of train.seq_len + 1 tokens. Called with the
         prepared stores, before any run trains: found after training, it would waste every run of the study.
         `pruned`: the study prunes on `intermediate`, which for wikitext-valid is the mean over every source."""
-        need = self.sources if self.kind == VAL or (pruned and self.kind == WIKITEXT_VALID) else \
+        need = self.sources if self.kind == VAL or (pruned and self.kind in (WIKITEXT_VALID, DOWNSTREAM)) else \
             (self.source,) if self.kind == "source" else ()
         seq_len, cap = cfg.train.seq_len, cfg.eval.val_tokens
         for name in need:
@@ -162,6 +194,12 @@ class Objective:
                     f"{seq_len + 1:,}, so it would have no held-out loss after training (fix: raise "
                     f"mixture.val_tokens{' or eval.val_tokens' if usable < have else ''}, or choose another "
                     f"objective)")
+
+    def tasks(self, cfg) -> tuple[str, ...]:
+        """The downstream tasks the objective averages (one for downstream/<task>)."""
+        from sparknet.config.schema import DEFAULT_DOWNSTREAM
+
+        return (self.task,) if self.task else tuple(cfg.eval.downstream or DEFAULT_DOWNSTREAM)
 
     def data(self, cfg) -> dict[str, Any]:
         """Where the objective's evaluation text came from (wikitext-valid: path, rows, sha256, whether it is
@@ -193,7 +231,9 @@ class Objective:
         metrics = {f"val/loss/{s}": float(v) for s, v in losses.items()}
         if all(s in losses for s in self.sources):  # else only `val` itself needs it, and value() says what is missing
             metrics["val/loss"] = self.mean_val_loss(losses)
-        if self.kind != WIKITEXT_VALID:
+        if self.kind == DOWNSTREAM:
+            metrics |= downstream_select_metrics(outcome.run_dir / "final", cfg, self.tasks(cfg), device=device)
+        elif self.kind != WIKITEXT_VALID:
             metrics[self.metric] = self.value(losses)
         else:
             r = wikitext_valid_result(outcome.run_dir / "final", cfg, rows=self._rows(cfg)[0], device=device,
@@ -245,3 +285,34 @@ def wikitext_valid_result(model_dir, cfg, *, rows: Sequence[str] | None = None, 
         if device.type == "cuda":  # the model goes with this frame; give its memory back before the next trial
             model.cpu()
             torch.cuda.empty_cache()
+
+
+def downstream_select_metrics(model_dir, cfg, tasks: Sequence[str], *, device: Any = None) -> dict[str, float]:
+    """The exported model in `model_dir` on the select items of `tasks` (`eval.downstream_items` of each, the run's
+    tokenizer): `downstream-select/<task>/bpb` per task and `downstream-select/bpb`, their mean."""
+    import torch
+
+    from sparknet.downstream.evaluation import evaluate_tasks
+    from sparknet.downstream.score import ScoringModel
+    from sparknet.downstream.tasks import resolve_data
+    from sparknet.model import load_exported
+    from sparknet.prepare import resolve_tokenizer
+
+    tok = resolve_tokenizer(cfg, 1)
+    if device is None:
+        device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    model = load_exported(model_dir, cfg.model).to(device).eval()
+    scorer = ScoringModel(lambda ids: model(ids).float(), tok.encode_batch, tok.eot_id, model.shape.n_positions,
+                          tok.vocab_size, device)
+    items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
+    try:
+        results = evaluate_tasks(scorer, tasks, role="select", n_items=items, shots=cfg.eval.downstream_shots,
+                                 root=resolve_data(cfg.eval.downstream_path or None))
+    finally:
+        if device.type == "cuda":
+            model.cpu()
+            torch.cuda.empty_cache()
+    out = {f"{DOWNSTREAM_METRIC}/{r.task}/bpb": r.metrics["bpb"] for r in results}
+    out[f"{DOWNSTREAM_METRIC}/bpb"] = sum(r.metrics["bpb"] for r in results) / len(results)
+    return out

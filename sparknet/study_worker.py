@@ -273,6 +273,11 @@ class Worker:
             target.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
             if "wikitext-valid/bpb" in metrics:
                 target.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
+            downstream = {r["task"]: {m: v for m, v in r["metrics"].items()} | {f"{m}_stderr": v for m, v in
+                                                                               r["stderr"].items() if v == v}
+                          for r in out.result.get("downstream") or []}
+            if downstream:  # the report items every run ends with: the ablation's source x task table
+                target.set_user_attr("downstream", downstream)
             target.set_user_attr("mlflow_run_id", out.mlflow_run_id or "")
             target.set_user_attr("run_dir", str(out.run_dir))
             target.set_user_attr("seconds", out.result["seconds"])  # training (steps, evaluations, checkpoints)

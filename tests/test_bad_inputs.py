@@ -1,4 +1,4 @@
-"""A careless user's inputs, one table over the five commands: each ends in exit 2 and ONE line that names the field or
+"""A careless user's inputs, one table over the six commands: each ends in exit 2 and ONE line that names the field or
 file at fault and a fix, in under 2 seconds, with no traceback, and nothing in the lab changed (hashed before and
 after). The commands run in-process (their `main(argv)`, as `python -m` runs it), so the table stays fast; a few
 cases run as real subprocesses too, to keep the entry points honest.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from downstream_data import write_downstream
 from tinylab import ROOT, tiny_mixture
 
 # (id, command, arguments, substrings the one line must hold); every line must also hold "fix".
@@ -157,10 +158,36 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
      ["--wikitext", "nowhere"]),
     ("compare-baseline", "compare", ["--evaluate", "--baseline", "./no-model", "--lab", "{lab}"],
      ["--baseline", "no-model"]),
+    # --- downstream tasks: in the run's config, as an objective, and `python -m sparknet.evaluate downstream`
+    ("run-downstream-task", "run", ["{mix}", "eval.downstream=[helaswag]"], ["eval.downstream[0]", "helaswag"]),
+    ("run-downstream-items", "run", ["{mix}", "eval.downstream_items=many"], ["eval.downstream_items", "all"]),
+    ("run-downstream-shots", "run", ["{mix}", "eval.downstream_shots=9"], ["eval.downstream_shots", "0 to 5"]),
+    ("run-downstream-path", "run", ["{mix}", "eval.downstream=[piqa]", "eval.downstream_path={tmp}/nowhere", "--dry-run"],
+     ["eval.downstream_path", "does not exist"]),
+    ("run-downstream-file", "run", ["{mix}", "eval.downstream=[piqa]", "eval.downstream_path={tmp}/ds-nopiqa"],
+     ["piqa/validation.jsonl", "missing"]),
+    ("ablate-objective-task", "ablate", ["{mix}", "--design", "leave-one-out", "--objective", "downstream/helaswag"],
+     ["helaswag", "one of"]),
+    ("ablate-downstream-offline", "ablate", ["{mix}", "--design", "leave-one-out", "--objective", "downstream"],
+     ["hub is offline", "SPARKNET_DOWNSTREAM"]),
+    ("evaluate-command", "evaluate", ["wikitext"], ["unknown command", "downstream"]),
+    ("evaluate-no-model", "evaluate", ["downstream", "{tmp}/no-model"], ["no-model", "no such folder"]),
+    ("evaluate-not-checkpoint", "evaluate", ["downstream", "{tmp}"], ["no config.json"]),
+    ("evaluate-no-tokenizer", "evaluate", ["downstream", "{tmp}/notok"], ["notok", "no tokenizer"]),
+    ("evaluate-task", "evaluate", ["downstream", "gpt2", "--tasks", "helaswag"], ["--tasks", "helaswag"]),
+    ("evaluate-items", "evaluate", ["downstream", "gpt2", "--items", "many"], ["--items", "not a number"]),
+    ("evaluate-shots", "evaluate", ["downstream", "gpt2", "--tasks", "mmlu", "--shots", "6", "--data", "{tmp}/ds"],
+     ["6 shots", "pool has 5"]),
+    ("evaluate-missing-file", "evaluate", ["downstream", "gpt2", "--tasks", "piqa", "--data", "{tmp}/ds-nopiqa"],
+     ["piqa/validation.jsonl", "missing"]),
+    ("evaluate-malformed", "evaluate", ["downstream", "gpt2", "--tasks", "boolq", "--data", "{tmp}/ds-nopiqa"],
+     ["boolq/validation.jsonl:2", "not a JSON line"]),
+    ("evaluate-data", "evaluate", ["downstream", "gpt2", "--data", "{tmp}/nowhere"], ["--data", "does not exist"]),
+    ("evaluate-offline", "evaluate", ["downstream", "gpt2", "--tasks", "piqa"], ["hub is offline"]),
 ]
 
 # Run as real processes too (`python -m sparknet.X`): the entry points wrap main the same way.
-SUBPROCESS = {"folder", "override-type", "compare-flag", "lab-is-file-run"}
+SUBPROCESS = {"folder", "override-type", "compare-flag", "lab-is-file-run", "evaluate-no-tokenizer"}
 
 
 def _files_of(folder: Path) -> dict[str, str]:
@@ -210,6 +237,12 @@ def scene(tmp_path_factory):
     (scratch / "half.yaml").write_text("points:\n  - name: a\n    weights: {docs: 0.25, code: 0.25}\n")
     (scratch / "taken").mkdir()
     (scratch / "taken" / ".study.json").write_text('{"study": "mine", "storage": "postgresql://elsewhere/db"}')
+    write_downstream(scratch / "ds", n=6)
+    broken = write_downstream(scratch / "ds-nopiqa", n=6)
+    (broken / "piqa" / "validation.jsonl").unlink()
+    (broken / "boolq" / "validation.jsonl").write_text('{"question": "q"}\n{"broken\n')
+    (scratch / "notok").mkdir()
+    (scratch / "notok" / "config.json").write_text('{"model_type": "gpt2"}')
     plain = scratch / "plain-file"
     plain.write_text("not a folder")
     return {"mix": str(mix), "lab": str(lab), "tmp": str(scratch), "file": str(plain),
@@ -225,6 +258,7 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(case, scene, capsys,
     name, command, args, expected = case
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SPARKNET_WIKITEXT", raising=False)
+    monkeypatch.delenv("SPARKNET_DOWNSTREAM", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     lab = Path(scene["lab"])
     before = _files_of(lab)
@@ -256,5 +290,5 @@ def test_the_entry_points_say_the_same_in_a_real_process(name, scene, subprocess
 
 def test_the_table_is_big_enough():
     assert len(CASES) >= 80, f"{len(CASES)} cases"
-    assert {c[1] for c in CASES} == {"prepare", "run", "sweep", "ablate", "compare"}
+    assert {c[1] for c in CASES} == {"prepare", "run", "sweep", "ablate", "compare", "evaluate"}
 

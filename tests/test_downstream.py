@@ -259,3 +259,74 @@ def test_a_run_ends_with_downstream_figures_in_mlflow_and_its_folder(tmp_path, d
     assert logged["downstream/arc_easy/bpb"] == pytest.approx(figures[0]["metrics"]["bpb"])
     assert "downstream/lambada_openai/perplexity" in logged and "downstream/arc_easy/acc_stderr" in logged
     assert "10 of 24 (report)" in (out.run_dir / "downstream.md").read_text()
+    # compare: the run's task columns (bpb first, with standard errors) and the published rows beside, never in
+    # one cell with a measured figure.
+    from sparknet.compare import KIND_REPORTED, KIND_RUN, CompareOptions, compare
+
+    table = compare(CompareOptions(lab=tmp_path / "lab", baselines=(), log=False, out=tmp_path / "cmp"),
+                    log=lambda *a: None).frame
+    run = table[table["kind"] == KIND_RUN].iloc[0]
+    assert run["arc_easy bpb"] == pytest.approx(figures[0]["metrics"]["bpb"])
+    assert run["arc_easy bpb ±"] == pytest.approx(figures[0]["stderr"]["bpb"])
+    cols = list(table.columns)
+    assert cols.index("arc_easy bpb") < cols.index("arc_easy acc_norm") < cols.index("arc_easy acc")
+    card = table[(table["kind"] == KIND_REPORTED) & (table["model"] == "CodeLion gpt-2-70m")
+                 & table["hellaswag reported %"].notna()].iloc[0]
+    assert card["hellaswag reported %"] == 27.03 and card["mmlu reported %"] == 24.11
+    assert math.isnan(run["hellaswag reported %"]) and math.isnan(card.get("arc_easy bpb", math.nan))
+
+
+# ------------------------------------------------------------------------------------------- objectives and effects
+
+
+def test_downstream_objectives_name_their_metric_and_items():
+    from sparknet.objective import Objective
+
+    mean = Objective.parse("downstream", ["a", "b"])
+    one = Objective.parse("downstream/piqa", ["a", "b"])
+    assert (mean.metric, one.metric) == ("downstream-select/bpb", "downstream-select/piqa/bpb")
+    assert Objective.parse(one.name, ["a", "b"]) == one and mean.unit == "bits/byte"
+    assert mean.tuned_on == "downstream select items" and mean.intermediate_metric == "val/loss"
+    assert one.value({"downstream-select/piqa/bpb": 1.25}) == 1.25
+    with pytest.raises(SparknetError, match=r"objective 'downstream/pika'.*unknown downstream task 'pika'"):
+        Objective.parse("downstream/pika", ["a"])
+
+
+def test_effects_table_of_a_leave_one_out_and_of_a_random_design():
+    import pandas as pd
+
+    from sparknet.ablate_effects import effects
+
+    class Abl:
+        names = ("web", "code")
+        design = "leave-one-out"
+
+    runs = pd.DataFrame([
+        {"mixture": "base", "weight.web": 0.5, "weight.code": 0.5, "val/loss/web": 3.0, "val/loss/code": 2.0,
+         "downstream/piqa/bpb": 1.00},
+        {"mixture": "base", "weight.web": 0.5, "weight.code": 0.5, "val/loss/web": 3.2, "val/loss/code": 2.0,
+         "downstream/piqa/bpb": 1.10},
+        {"mixture": "without web", "weight.web": 0.0, "weight.code": 1.0, "val/loss/web": 4.0, "val/loss/code": 1.8,
+         "downstream/piqa/bpb": 1.30},
+        {"mixture": "without web", "weight.web": 0.0, "weight.code": 1.0, "val/loss/web": 4.2, "val/loss/code": 1.8,
+         "downstream/piqa/bpb": 1.50},
+    ])
+    got = {(r["source"], r["metric"]): r for r in effects(Abl, runs)}
+    web_piqa = got[("web", "piqa bpb")]
+    assert web_piqa["effect"] == pytest.approx(1.05 - 1.40)  # web helps piqa: negative
+    assert web_piqa["stderr"] == pytest.approx(math.sqrt(0.005 / 2 + 0.02 / 2))
+    assert got[("web", "val/web")]["effect"] == pytest.approx(-1.0)
+    assert math.isnan(got[("code", "piqa bpb")]["effect"])  # no run without code
+
+    Abl.design = "random:4"
+    rng = random.Random(1)
+    rows = []
+    for _ in range(12):
+        w = rng.random()
+        rows.append({"mixture": "p", "weight.web": w, "weight.code": 1 - w, "val/loss/web": 4 - 2 * w,
+                     "val/loss/code": 2 + w, "downstream/piqa/bpb": 1.5 - 0.5 * w + rng.gauss(0, 0.01)})
+    got = {(r["source"], r["metric"]): r for r in effects(Abl, pd.DataFrame(rows))}
+    assert got[("web", "val/web")]["effect"] == pytest.approx(-0.2)  # per +0.1 weight
+    assert got[("web", "piqa bpb")]["effect"] == pytest.approx(-0.05, abs=0.005)
+    assert 0 < got[("web", "piqa bpb")]["stderr"] < 0.005
+    assert got[("code", "piqa bpb")]["effect"] == pytest.approx(0.05, abs=0.005)  # code takes web's share

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sparknet.compare.baselines import WikitextShas, baseline_row
+from sparknet.compare.downstream import DownstreamRows
 from sparknet.compare.options import CompareOptions
 from sparknet.compare.reported import reported_rows
 from sparknet.compare.runs import TRIALS_BEST, objective_value, run_row
@@ -79,7 +80,7 @@ class ReportedRows:
             rows += reported_rows(ctx.protocols)
 
 
-ROW_SOURCES: tuple[RowSource, ...] = (RunRows(), BaselineRows(), ReportedRows())
+ROW_SOURCES: tuple[RowSource, ...] = (RunRows(), BaselineRows(), ReportedRows(), DownstreamRows())
 
 
 def build_rows(ctx: RowContext, sources: tuple[RowSource, ...] = ROW_SOURCES) -> list[Row]:

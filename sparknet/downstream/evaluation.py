@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sparknet.downstream.metrics import score_items
 from sparknet.downstream.score import ScoringModel, score_pairs
-from sparknet.downstream.tasks import Item, load_items, task_spec
+from sparknet.downstream.tasks import Item, load_items, subset, task_spec
 
 # Metrics in the order tables show them: bpb first (it moves at 70M parameters where accuracy sits at chance).
 METRIC_ORDER = ("bpb", "acc_norm", "acc", "acc_macro", "perplexity")
@@ -56,23 +56,44 @@ def items_sha256(items: Sequence[Item]) -> str:
     return hashlib.sha256(",".join(str(it.index) for it in items).encode()).hexdigest()
 
 
-def evaluate_tasks(model: ScoringModel, names: Sequence[str], *, role: str = "report", n_items: int | None = None,
-                   shots: int | None = None, root: Path | None = None, max_batch_tokens: int | None = None,
-                   echo=None) -> list[TaskResult]:
-    """Score `model` on each task of `names` (items of `role`, at most `n_items` each; `shots` for the tasks that
-    take them, default each task's own). `echo(line)` is told each task's figures as they come."""
-    results = []
+@dataclass
+class TaskItems:
+    """A task's items as one evaluation will score them, loaded (and so checked) before any model is."""
+
+    name: str
+    items: list[Item]
+    n_available: int
+    shots: int
+
+
+def load_task_items(names: Sequence[str], *, role: str = "report", n_items: int | None = None,
+                    shots: int | None = None, root: Path | None = None) -> list[TaskItems]:
+    """Every task's items (`role`, at most `n_items`; `shots` for the tasks that take them, default each task's
+    own). A missing or malformed file fails here, in one line."""
+    out = []
     for name in names:
         spec = task_spec(name)
         task_shots = (spec.shots_default if shots is None else shots) if "pool" in spec.files else 0
         everything = load_items(name, role, None, task_shots, root)
-        items = load_items(name, role, n_items, task_shots, root) if n_items else everything
+        out.append(TaskItems(name, subset(everything, n_items), len(everything), task_shots))
+    return out
+
+
+def evaluate_tasks(model: ScoringModel, names: Sequence[str], *, role: str = "report", n_items: int | None = None,
+                   shots: int | None = None, root: Path | None = None, max_batch_tokens: int | None = None,
+                   echo=None, loaded: Sequence[TaskItems] | None = None) -> list[TaskResult]:
+    """Score `model` on each task of `names` (items of `role`, at most `n_items` each; `shots` for the tasks that
+    take them, default each task's own; `loaded`: the items, if `load_task_items` read them already). `echo(line)`
+    is told each task's figures as they come."""
+    results = []
+    for task in loaded or load_task_items(names, role=role, n_items=n_items, shots=shots, root=root):
+        spec = task_spec(task.name)
         start = time.perf_counter()
-        pairs = [p for it in items for p in it.pairs]
-        scores = score_items(name, spec.kind, items, score_pairs(model, pairs, max_batch_tokens))
-        result = TaskResult(name, role, len(items), len(everything), task_shots, scores.metrics, scores.stderr,
-                            time.perf_counter() - start, source=str(root) if root else "hub",
-                            caveat=spec.caveat if root is not None else "", items_sha256=items_sha256(items),
+        pairs = [p for it in task.items for p in it.pairs]
+        scores = score_items(task.name, spec.kind, task.items, score_pairs(model, pairs, max_batch_tokens))
+        result = TaskResult(task.name, role, len(task.items), task.n_available, task.shots, scores.metrics,
+                            scores.stderr, time.perf_counter() - start, source=str(root) if root else "hub",
+                            caveat=spec.caveat if root is not None else "", items_sha256=items_sha256(task.items),
                             per_item=scores.per_item)
         results.append(result)
         if echo:

@@ -134,7 +134,7 @@ def bits_per_byte(loglikelihood: float, text: str) -> float:
 
 def hf_scoring_model(model: Any, tokenizer: Any, device: Any = "cpu") -> ScoringModel:
     """A `ScoringModel` of a transformers causal LM and its tokenizer (an exported sparknet checkpoint, GPT-2)."""
-    from sparknet.evaluate import hf_context, hf_logits_fn
+    from sparknet.hf_models import hf_context, hf_logits_fn
 
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 

@@ -222,24 +222,24 @@ def task_spec(name: str, field: str = "eval.downstream") -> TaskSpec:
 # ------------------------------------------------------------------------------------------- data
 
 
-def data_dir(configured: str | os.PathLike[str] | None = None) -> Path | None:
+def data_dir(configured: str | os.PathLike[str] | None = None, field: str = "eval.downstream_path") -> Path | None:
     """The local task folder (the argument, else SPARKNET_DOWNSTREAM), or None for the hub."""
     where = configured or os.environ.get(DOWNSTREAM_ENV)
     if not where:
         return None
     path = Path(where).expanduser()
     if not path.is_dir():
-        src = "eval.downstream_path" if configured else DOWNSTREAM_ENV
+        src = field if configured else DOWNSTREAM_ENV
         raise SparknetError(f"{src}: downstream task folder {str(path)!r} does not exist (fix: point it at a folder "
                             f"laid out like shared/data/downstream, with one folder per dataset)")
     return path
 
 
-def resolve_data(configured: str | os.PathLike[str] | None = None) -> Path | None:
+def resolve_data(configured: str | os.PathLike[str] | None = None, field: str = "eval.downstream_path") -> Path | None:
     """`data_dir`, refusing the hub when it is offline (one line with the fix, no retries)."""
     from sparknet.hub import hub_offline
 
-    root = data_dir(configured)
+    root = data_dir(configured, field)
     if root is None and hub_offline():
         raise SparknetError(f"no local copy of the downstream tasks and the hub is offline (fix: set {DOWNSTREAM_ENV}"
                             f"=DIR or eval.downstream_path to a folder laid out like shared/data/downstream, or go "
