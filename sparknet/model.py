@@ -185,15 +185,24 @@ class GPT(nn.Module):
                     std = resid_std if name.endswith("proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        """Logits [B, T, vocab]; with `labels` (ignore_index -100), the per-token NLL [B, T]
-        instead, in fp32 (the logits are not kept, which saves B x T x 50k floats of memory)."""
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [B, T, n_embd] (after ln_f): what the output layer reads. A scorer that needs a
+        few positions' logits projects only those (`head`), not all B x T x 50k."""
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)
         for block in self.h:
             x = block(x)
-        h = self.ln_f(x)
+        return self.ln_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the real vocabulary of hidden states `h` [..., n_embd] (the tied output embedding)."""
+        return F.linear(h, self.wte.weight)[..., : self.shape.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits [B, T, vocab]; with `labels` (ignore_index -100), the per-token NLL [B, T]
+        instead, in fp32 (the logits are not kept, which saves B x T x 50k floats of memory)."""
+        h = self.hidden(input_ids)
         if labels is None:
             # Tied output embedding. The matmul runs over the padded rows (fast shapes); the padding columns
             # are then dropped so the softmax is over the real vocabulary, exactly as in the exported model.

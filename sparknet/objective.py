@@ -293,7 +293,7 @@ def downstream_select_metrics(model_dir, cfg, tasks: Sequence[str], *, device: A
     import torch
 
     from sparknet.downstream.evaluation import evaluate_tasks
-    from sparknet.downstream.score import ScoringModel
+    from sparknet.downstream.score import gpt_scoring_model
     from sparknet.downstream.tasks import resolve_data
     from sparknet.model import load_exported
     from sparknet.prepare import resolve_tokenizer
@@ -303,8 +303,7 @@ def downstream_select_metrics(model_dir, cfg, tasks: Sequence[str], *, device: A
         device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     model = load_exported(model_dir, cfg.model).to(device).eval()
-    scorer = ScoringModel(lambda ids: model(ids).float(), tok.encode_batch, tok.eot_id, model.shape.n_positions,
-                          tok.vocab_size, device)
+    scorer = gpt_scoring_model(model, tok, device)
     items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
     try:
         results = evaluate_tasks(scorer, tasks, role="select", n_items=items, shots=cfg.eval.downstream_shots,

@@ -433,7 +433,7 @@ def score_downstream(cfg: RunConfig, run_dir: Path, final: Path, prepared, accel
     metrics `downstream/<task>/<metric>`, `downstream.json` and `downstream.md`; unreachable task data is a recorded
     gap (`downstream_skipped`), as for WikiText-2: the training is done and must not be lost."""
     from sparknet.downstream.evaluation import evaluate_tasks, mlflow_metrics, table
-    from sparknet.downstream.score import ScoringModel
+    from sparknet.downstream.score import gpt_scoring_model
     from sparknet.downstream.tasks import resolve_data
     from sparknet.model import load_exported
 
@@ -441,8 +441,7 @@ def score_downstream(cfg: RunConfig, run_dir: Path, final: Path, prepared, accel
         return {"downstream": [], "downstream_skipped": "eval.downstream is empty"}
     model = load_exported(final, cfg.model).to(accelerator.device).eval()
     tok = prepared.tokenizer
-    scorer = ScoringModel(lambda ids: model(ids).float(), tok.encode_batch, tok.eot_id, model.shape.n_positions,
-                          tok.vocab_size, accelerator.device)
+    scorer = gpt_scoring_model(model, tok, accelerator.device)
     items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
     try:
         root = resolve_data(cfg.eval.downstream_path or None)

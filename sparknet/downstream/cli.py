@@ -143,7 +143,7 @@ def _with_harness(load: str, args, root, device: str, loaded):
         ran = harness.run_harness(load, list(items_by_task), include, device=device, shots=shots)
         seconds = time.perf_counter() - start
         for t in loaded:
-            flat = [(ll, g) for s in ran[t.name].samples for ll, g in zip(s["loglikelihoods"], s["is_greedy"])]
+            flat = [(ll, g) for s in ran[t.name].samples for ll, g in zip(s.loglikelihoods, s.is_greedy)]
             scores = score_items(t.name, TASKS[t.name].kind, t.items, flat)
             results.append(TaskResult(t.name, args.split, len(t.items), t.n_available, t.shots, scores.metrics,
                                       scores.stderr, seconds / len(loaded), engine="lm-eval",

@@ -32,18 +32,24 @@ EncodeFn = Callable[[list[str]], list[list[int]]]
 
 # Float32 logits of one batch stay under this many elements (2**27: 512 MiB), whatever the vocabulary.
 LOGITS_BUDGET_ELEMENTS = 2**27
+# The continuation rows' logits are computed this many elements at a time (2**25: 128 MiB).
+ROW_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass
 class ScoringModel:
-    """What the scorer needs of a model: its logits, its tokenizer and its limits."""
+    """What the scorer needs of a model: its logits, its tokenizer and its limits. With `hidden_fn` and `head_fn`,
+    only the continuation's positions go through the output layer (for a small model with GPT-2's 50k vocabulary
+    that layer is most of the compute); `logits_fn` is then unused."""
 
-    logits_fn: LogitsFn          # ids [B, T] -> logits [B, T, V'] (V' >= vocab_size), eval mode, float32
+    logits_fn: LogitsFn | None   # ids [B, T] -> logits [B, T, V'] (V' >= vocab_size), eval mode, float32
     encode: EncodeFn             # texts -> ids, nothing special added
     prefix_token_id: int         # the context of an empty context: BOS, else EOS
     n_positions: int
     vocab_size: int
     device: Any = "cpu"
+    hidden_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # ids [B, T] -> hidden [B, T, H]
+    head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None    # hidden [N, H] -> logits [N, V']
 
 
 def encode_pairs(pairs: Sequence[tuple[str, str]], encode: EncodeFn,
@@ -106,18 +112,42 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         for b, inp in enumerate(batch):
             ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-        with torch.no_grad():
-            logits = model.logits_fn(ids.to(model.device))
+        # Every (batch row, position) a continuation token is predicted from, and the request it belongs to.
+        where_b, where_t, targets, owner = [], [], [], []
         for b, inp in enumerate(batch):
             for r in wanted[inp]:
                 cont = requests[r][1]
                 n = len(cont)
-                rows_logits = logits[b, len(inp) - n: len(inp), : model.vocab_size].float()
-                logprobs = torch.log_softmax(rows_logits, dim=-1)
-                target = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
-                ll = logprobs.gather(1, target[:, None]).sum().item()
-                greedy = bool((logprobs.argmax(dim=-1) == target).all().item())
-                results[r] = (ll, greedy)
+                where_b += [b] * n
+                where_t += range(len(inp) - n, len(inp))
+                targets += cont
+                owner += [r] * n
+        with torch.no_grad():
+            ids = ids.to(model.device)
+            if model.hidden_fn is not None and model.head_fn is not None:
+                picked = model.hidden_fn(ids)[where_b, where_t]
+                head = model.head_fn
+            else:
+                picked = model.logits_fn(ids)[where_b, where_t]  # type: ignore[misc]
+                head = None
+            target = torch.tensor(targets, dtype=torch.long, device=picked.device)
+            token_ll = torch.empty(len(targets), dtype=torch.float32)
+            token_greedy = torch.empty(len(targets), dtype=torch.bool)
+            # Rows in chunks (a chunk's logits stay ~100 MB); log p(target) = logit - logsumexp, without writing
+            # the whole log_softmax; greedy = the target is the argmax of the logits.
+            step = max(1, ROW_CHUNK_ELEMENTS // max(model.vocab_size, 1))
+            for a in range(0, len(targets), step):
+                rows = picked[a:a + step]
+                logits = (head(rows) if head is not None else rows)[:, : model.vocab_size].float()
+                t = target[a:a + step, None]
+                token_ll[a:a + step] = (logits.gather(1, t)[:, 0] - torch.logsumexp(logits, dim=-1)).cpu()
+                token_greedy[a:a + step] = (logits.argmax(dim=-1) == t[:, 0]).cpu()
+        pos = 0
+        while pos < len(owner):
+            r, n = owner[pos], len(requests[owner[pos]][1])
+            # Summed in float32, in order, as the harness sums a continuation's token log-probabilities.
+            results[r] = (float(token_ll[pos:pos + n].sum()), bool(token_greedy[pos:pos + n].all()))
+            pos += n
     return results  # type: ignore[return-value]
 
 
@@ -142,4 +172,15 @@ def hf_scoring_model(model: Any, tokenizer: Any, device: Any = "cpu") -> Scoring
         return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     # The softmax runs over every output of the model, as the harness runs it (its vocab_size, not the tokenizer's).
-    return ScoringModel(hf_logits_fn(model), encode, prefix, hf_context(model), model.config.vocab_size, device)
+    scoring = ScoringModel(hf_logits_fn(model), encode, prefix, hf_context(model), model.config.vocab_size, device)
+    body, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if body is not None and body is not model and head is not None:  # GPT-2 and most causal LMs: backbone + head
+        scoring.hidden_fn = lambda ids: body(input_ids=ids, use_cache=False).last_hidden_state
+        scoring.head_fn = head
+    return scoring
+
+
+def gpt_scoring_model(model: Any, tokenizer: Any, device: Any = "cpu") -> ScoringModel:
+    """A `ScoringModel` of sparknet's own GPT (`sparknet.model.GPT`, eval mode) and the run's tokenizer, in float32."""
+    return ScoringModel(None, tokenizer.encode_batch, tokenizer.eot_id, model.shape.n_positions, tokenizer.vocab_size,
+                        device, hidden_fn=lambda ids: model.hidden(ids).float(), head_fn=lambda h: model.head(h).float())

@@ -1,0 +1,142 @@
+"""Our downstream scorer against lm-evaluation-harness, side by side in one run: the same checkpoint, the same items,
+items per second of each and their ratio, and the largest difference in any log-likelihood (a speed figure of a
+scorer that disagrees would mean nothing).
+
+    python scripts/bench_downstream.py                           # cpu-small proxy, 100 report items per task
+    python scripts/bench_downstream.py --preset gpt2-70m --items 50 --full-estimate
+    python scripts/bench_downstream.py --preset gpt2-70m --items all --device cuda     # the full default set on a GPU
+
+The harness runs with its default batch size (1) and with `--harness-batch` (default 32), so the ratio is shown
+against both. Weights are random (the time does not depend on them); the tokenizer is GPT-2's (offline).
+`--full-estimate`: the default task set at full size, from the exact token count of every report item's inputs
+(after our scorer's de-duplication) at the tokens per second measured here; `--items all` measures it instead.
+Data: --data DIR, else $SPARKNET_DOWNSTREAM, else ../shared/data/downstream, else generated items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # downstream_data: generated items when no copy is here
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _data(arg: str | None) -> tuple[Path, str]:
+    for cand in (arg, os.environ.get("SPARKNET_DOWNSTREAM"), str(ROOT.parent / "shared" / "data" / "downstream")):
+        if cand and Path(cand).is_dir():
+            return Path(cand), cand
+    from downstream_data import write_downstream
+
+    return write_downstream(Path(tempfile.mkdtemp()) / "ds", n=200), "generated (200 items a task)"
+
+
+def _checkpoint(preset: str, out: Path) -> Path:
+    import torch
+
+    from sparknet.config import ModelConfig
+    from sparknet.model import build_model, export_hf
+    from sparknet.tokenizer import TokenizerSpec, from_spec
+
+    tok = from_spec(TokenizerSpec("gpt2"))
+    torch.manual_seed(0)
+    export_hf(build_model(ModelConfig(preset=preset), tok.vocab_size, seed=0), out, tok.to_hf(),
+              eos_token_id=tok.eot_id)
+    return out
+
+
+def main() -> int:
+    from sparknet.config.schema import DEFAULT_DOWNSTREAM
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--items", default="100", help="items per task, or all")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_DOWNSTREAM))
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--harness-batch", type=int, default=32)
+    ap.add_argument("--no-harness", action="store_true", help="time our scorer only (e.g. the full set)")
+    ap.add_argument("--full-estimate", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from sparknet.downstream.evaluation import load_task_items
+    from sparknet.downstream.score import _inputs, encode_pairs, hf_scoring_model, score_pairs
+    from sparknet.hf_models import load_hf_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    root, where = _data(args.data)
+    n = None if args.items == "all" else int(args.items)
+    tasks = [t for t in args.tasks.split(",") if t]
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = _checkpoint(args.preset, tmp / "model")
+    model, tokenizer = load_hf_model(str(ckpt), device=args.device, dtype=torch.float32)
+    ours = hf_scoring_model(model, tokenizer, args.device)
+    loaded = load_task_items(tasks, role="report", n_items=n, root=root)
+    print(f"checkpoint {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
+          f"{ours.n_positions}), {args.device}, {torch.get_num_threads()} threads; data {where}; "
+          f"{'all' if n is None else n} report items per task")
+    harness = {}
+    if not args.no_harness:
+        harness = {bs: HFLM(pretrained=str(ckpt), dtype="float32", batch_size=bs, device=args.device)
+                   for bs in (1, args.harness_batch)}
+    header = f"{'task':<16}{'items':>6}{'pairs':>7}{'ours s':>9}{'items/s':>9}"
+    for bs in harness:
+        header += f"{f'lm-eval bs{bs} s':>17}{'ratio':>7}"
+    print(header + f"{'max |dLL|':>11}")
+    totals = {"ours": 0.0} | {bs: 0.0 for bs in harness}
+    n_items = 0
+    for t in loaded:
+        pairs = [p for it in t.items for p in it.pairs]
+        start = time.perf_counter()
+        mine = score_pairs(ours, pairs)
+        s_ours = time.perf_counter() - start
+        totals["ours"] += s_ours
+        n_items += len(t.items)
+        line = f"{t.name:<16}{len(t.items):>6}{len(pairs):>7}{s_ours:>9.2f}{len(t.items) / s_ours:>9.1f}"
+        worst = 0.0
+        for bs, lm in harness.items():
+            start = time.perf_counter()
+            theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs], disable_tqdm=True)
+            s = time.perf_counter() - start
+            totals[bs] += s
+            worst = max(worst, max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)))
+            line += f"{s:>17.2f}{s / s_ours:>7.1f}"
+        print(line + (f"{worst:>11.1e}" if harness else ""), flush=True)
+    line = f"{'all':<16}{n_items:>6}{'':>7}{totals['ours']:>9.2f}{n_items / totals['ours']:>9.1f}"
+    for bs in harness:
+        line += f"{totals[bs]:>17.2f}{totals[bs] / totals['ours']:>7.1f}"
+    print(line)
+
+    if args.full_estimate:
+        full = load_task_items(tasks, role="full", n_items=None, root=root)
+        sample_tokens = sum(len(i) for t in loaded for i in {inp for inp, _ in _inputs(
+            encode_pairs([p for it in t.items for p in it.pairs], ours.encode, ours.prefix_token_id), ours.n_positions)})
+        rate = sample_tokens / totals["ours"]
+        print(f"\nfull default set (every item, role full): our scorer ran {rate:,.0f} input tokens/s here")
+        total_s = 0.0
+        for t in full:
+            pairs = [p for it in t.items for p in it.pairs]
+            inputs = {inp for inp, _ in _inputs(encode_pairs(pairs, ours.encode, ours.prefix_token_id), ours.n_positions)}
+            tokens = sum(len(i) for i in inputs)
+            total_s += tokens / rate
+            print(f"  {t.name:<16}{len(t.items):>7,} items {len(inputs):>8,} inputs {tokens:>12,} tokens  "
+                  f"~{tokens / rate / 60:,.1f} min")
+        print(f"  estimated total ~{total_s / 60:,.1f} min ({total_s / 3600:.2f} h) on this machine")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
