@@ -59,6 +59,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--checkpoint", default=None, help="a saved run's final/ (or any checkpoint) instead of a "
+                                                        "random model of --preset, e.g. the quickstart's (BPE 4,096)")
     ap.add_argument("--items", default="100", help="items per task, or all")
     ap.add_argument("--tasks", default=",".join(DEFAULT_DOWNSTREAM))
     ap.add_argument("--data", default=None)
@@ -81,11 +83,11 @@ def main() -> int:
     n = None if args.items == "all" else int(args.items)
     tasks = [t for t in args.tasks.split(",") if t]
     tmp = Path(tempfile.mkdtemp())
-    ckpt = _checkpoint(args.preset, tmp / "model")
+    ckpt = Path(args.checkpoint) if args.checkpoint else _checkpoint(args.preset, tmp / "model")
     model, tokenizer = load_hf_model(str(ckpt), device=args.device, dtype=torch.float32)
     ours = hf_scoring_model(model, tokenizer, args.device)
     loaded = load_task_items(tasks, role="report", n_items=n, root=root)
-    print(f"checkpoint {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
+    print(f"checkpoint {args.checkpoint or args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
           f"{ours.n_positions}), {args.device}, {torch.get_num_threads()} threads; data {where}; "
           f"{'all' if n is None else n} report items per task")
     harness = {}

@@ -150,11 +150,14 @@ class Block(nn.Module):
         self.c_fc = nn.Linear(s.n_embd, 4 * s.n_embd)
         self.mlp_proj = nn.Linear(4 * s.n_embd, s.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # [B, T, T] bool, True = may attend (a scorer's shared-context rows)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -185,14 +188,16 @@ class GPT(nn.Module):
                     std = resid_std if name.endswith("proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states [B, T, n_embd] (after ln_f): what the output layer reads. A scorer that needs a
-        few positions' logits projects only those (`head`), not all B x T x 50k."""
+        few positions' logits projects only those (`head`), not all B x T x 50k. `position_ids` [B, T] and `mask`
+        [B, T, T] (True = may attend; default causal) let one row hold a context and several continuations."""
         T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
+        pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         x = self.wte(input_ids) + self.wpe(pos)
         for block in self.h:
-            x = block(x)
+            x = block(x, mask)
         return self.ln_f(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -330,3 +330,25 @@ def test_effects_table_of_a_leave_one_out_and_of_a_random_design():
     assert got[("web", "piqa bpb")]["effect"] == pytest.approx(-0.05, abs=0.005)
     assert 0 < got[("web", "piqa bpb")]["stderr"] < 0.005
     assert got[("code", "piqa bpb")]["effect"] == pytest.approx(0.05, abs=0.005)  # code takes web's share
+
+
+def test_shared_context_rows_score_as_separate_inputs_for_our_model_and_the_exported_one(data, checkpoint, gpt2):
+    """Choices of one item share one input row (the context once, each continuation a masked segment): the same
+    log-likelihoods as one input per choice, for sparknet's own GPT (the end of a run) and the exported checkpoint."""
+    from dataclasses import replace as dc_replace
+
+    from sparknet.config import ModelConfig
+    from sparknet.downstream.score import gpt_scoring_model, hf_scoring_model
+    from sparknet.hf_models import load_hf_model
+    from sparknet.model import load_exported
+
+    pairs = [p for name in ("hellaswag", "truthfulqa_mc2", "mmlu", "winogrande")
+             for it in load_items(name, "report", 4, root=data) for p in it.pairs]
+    hf = hf_scoring_model(*load_hf_model(str(checkpoint)))
+    ours = gpt_scoring_model(load_exported(checkpoint, ModelConfig(preset="cpu-tiny", n_positions=128)).eval(), gpt2)
+    assert hf.tree_mask and ours.tree_mask
+    separate = score_pairs(dc_replace(hf, tree_mask=False), pairs)
+    for model in (hf, ours):
+        got = score_pairs(model, pairs, max_batch_tokens=400)
+        assert max(abs(a[0] - b[0]) for a, b in zip(got, separate)) < 1e-4
+        assert [a[1] for a in got] == [b[1] for b in separate]

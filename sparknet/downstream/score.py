@@ -48,8 +48,10 @@ class ScoringModel:
     n_positions: int
     vocab_size: int
     device: Any = "cpu"
-    hidden_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # ids [B, T] -> hidden [B, T, H]
+    # (ids [B, T], position ids [B, T] or None, mask [B, T, T] bool or None: None means causal) -> hidden [B, T, H]
+    hidden_fn: Callable[..., torch.Tensor] | None = None
     head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None    # hidden [N, H] -> logits [N, V']
+    tree_mask: bool = False      # hidden_fn takes position ids and a mask: the choices of an item share one row
 
 
 def encode_pairs(pairs: Sequence[tuple[str, str]], encode: EncodeFn,
@@ -89,46 +91,107 @@ def _inputs(encoded: Sequence[tuple[list[int], list[int]]], n_positions: int) ->
     return out
 
 
+def default_batch_tokens(model: ScoringModel) -> int:
+    """Padded tokens per forward pass: enough to keep the device busy, few enough that a batch holds inputs of
+    similar length (they are sorted; a wide batch pads its short rows to its longest) and that full logits, where
+    the model gives only those, stay under LOGITS_BUDGET_ELEMENTS."""
+    import torch as _torch
+
+    want = 65536 if _torch.device(model.device).type == "cuda" else 4096
+    if model.hidden_fn is None:
+        want = min(want, LOGITS_BUDGET_ELEMENTS // max(model.vocab_size, 1))
+    return max(model.n_positions, want)
+
+
+@dataclass
+class _Row:
+    """One model input: a context once, then each request's continuation (less its last token) as a segment that
+    sees the context and itself only. `preds[r]` lists, for request r, the row positions its tokens are predicted
+    from (the context's last position predicts every continuation's first token)."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]          # 0: the context; 1, 2, ...: one per continuation
+    preds: dict[int, list[int]]
+
+    @property
+    def branched(self) -> bool:
+        """More than one continuation segment: only a mask keeps them apart."""
+        return max(self.segments) > 1
+
+
+def _rows(requests: Sequence[tuple[tuple[int, ...], list[int]]], n_positions: int, share: bool) -> list[_Row]:
+    """The model inputs for `requests` ((input, continuation) each). Requests whose input is the same context plus
+    their own continuation share one row (`share`: the model takes a tree mask); identical inputs always do."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    by_input: dict[tuple[int, ...], list[int]] = {}
+    for r, (inp, cont) in enumerate(requests):
+        context = inp[: len(inp) - len(cont) + 1]  # the input is this, then the continuation less its last token
+        if share and context:  # (left truncation included: a truncated context is its own key)
+            by_context.setdefault(context, []).append(r)
+        else:
+            by_input.setdefault(inp, []).append(r)
+    rows = []
+    for inp, rs in by_input.items():
+        n = len(inp)
+        rows.append(_Row(list(inp), list(range(n)), [0] * n,
+                         {r: list(range(n - len(requests[r][1]), n)) for r in rs}))
+    for context, rs in by_context.items():
+        tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+        preds = {}
+        seen: dict[tuple[int, ...], list[int]] = {}  # continuations with the same head share a segment
+        for r in rs:
+            head = tuple(requests[r][1][:-1])
+            if head not in seen:
+                start = len(tokens)
+                seg = max(segments) + 1 if head else 0
+                tokens += head
+                positions += range(len(context), len(context) + len(head))
+                segments += [seg] * len(head)
+                seen[head] = list(range(start, start + len(head)))
+            preds[r] = [len(context) - 1] + seen[head]
+        rows.append(_Row(tokens, positions, segments, preds))
+    return rows
+
+
 def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[int]]],
                    max_batch_tokens: int | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood of the continuation, whether it is greedy) per encoded pair, in order."""
     requests = _inputs(encoded, model.n_positions)
-    unique: dict[tuple[int, ...], int] = {}
-    for inp, _ in requests:
-        unique.setdefault(inp, len(unique))
-    order = sorted(unique, key=lambda inp: (-len(inp), inp))
-    budget = max_batch_tokens or max(model.n_positions, LOGITS_BUDGET_ELEMENTS // max(model.vocab_size, 1))
-    # Which continuations each unique input must score (the positions and targets differ per request).
-    wanted: dict[tuple[int, ...], list[int]] = {}
-    for r, (inp, _) in enumerate(requests):
-        wanted.setdefault(inp, []).append(r)
+    share = model.tree_mask and model.hidden_fn is not None
+    rows = sorted(_rows(requests, model.n_positions, share), key=lambda row: (-len(row.tokens), row.tokens))
+    budget = max_batch_tokens or default_batch_tokens(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     start = 0
-    while start < len(order):
-        width = len(order[start])  # the longest of the batch: sorted longest first
-        rows = max(1, budget // max(width, 1))
-        batch = order[start:start + rows]
+    while start < len(rows):
+        width = len(rows[start].tokens)  # the longest of the batch: sorted longest first
+        batch = rows[start:start + max(1, budget // max(width, 1))]
         start += len(batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, inp in enumerate(batch):
-            ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        seg = torch.full((len(batch), width), -1, dtype=torch.long)
+        for b, row in enumerate(batch):
+            n = len(row.tokens)
+            ids[b, :n], pos[b, :n], seg[b, :n] = (torch.tensor(v, dtype=torch.long)
+                                                 for v in (row.tokens, row.positions, row.segments))
         # Every (batch row, position) a continuation token is predicted from, and the request it belongs to.
         where_b, where_t, targets, owner = [], [], [], []
-        for b, inp in enumerate(batch):
-            for r in wanted[inp]:
-                cont = requests[r][1]
-                n = len(cont)
-                where_b += [b] * n
-                where_t += range(len(inp) - n, len(inp))
-                targets += cont
-                owner += [r] * n
+        for b, row in enumerate(batch):
+            for r, at in row.preds.items():
+                where_b += [b] * len(at)
+                where_t += at
+                targets += requests[r][1]
+                owner += [r] * len(at)
         with torch.no_grad():
-            ids = ids.to(model.device)
             if model.hidden_fn is not None and model.head_fn is not None:
-                picked = model.hidden_fn(ids)[where_b, where_t]
+                if any(row.branched for row in batch):
+                    picked = model.hidden_fn(ids.to(model.device), pos.to(model.device),
+                                             _tree_mask(seg).to(model.device))[where_b, where_t]
+                else:  # plain causal rows (right padding is never seen): the fast kernels
+                    picked = model.hidden_fn(ids.to(model.device), None, None)[where_b, where_t]
                 head = model.head_fn
             else:
-                picked = model.logits_fn(ids)[where_b, where_t]  # type: ignore[misc]
+                picked = model.logits_fn(ids.to(model.device))[where_b, where_t]  # type: ignore[misc]
                 head = None
             target = torch.tensor(targets, dtype=torch.long, device=picked.device)
             token_ll = torch.empty(len(targets), dtype=torch.float32)
@@ -137,18 +200,28 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
             # the whole log_softmax; greedy = the target is the argmax of the logits.
             step = max(1, ROW_CHUNK_ELEMENTS // max(model.vocab_size, 1))
             for a in range(0, len(targets), step):
-                rows = picked[a:a + step]
-                logits = (head(rows) if head is not None else rows)[:, : model.vocab_size].float()
+                rows_h = picked[a:a + step]
+                logits = (head(rows_h) if head is not None else rows_h)[:, : model.vocab_size].float()
                 t = target[a:a + step, None]
                 token_ll[a:a + step] = (logits.gather(1, t)[:, 0] - torch.logsumexp(logits, dim=-1)).cpu()
                 token_greedy[a:a + step] = (logits.argmax(dim=-1) == t[:, 0]).cpu()
-        pos = 0
-        while pos < len(owner):
-            r, n = owner[pos], len(requests[owner[pos]][1])
+        at = 0
+        while at < len(owner):
+            r, n = owner[at], len(requests[owner[at]][1])
             # Summed in float32, in order, as the harness sums a continuation's token log-probabilities.
-            results[r] = (float(token_ll[pos:pos + n].sum()), bool(token_greedy[pos:pos + n].all()))
-            pos += n
+            results[r] = (float(token_ll[at:at + n].sum()), bool(token_greedy[at:at + n].all()))
+            at += n
     return results  # type: ignore[return-value]
+
+
+def _tree_mask(seg: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool, True where position i may attend to j: j <= i, and j is context or in i's own segment.
+    Padding (segment -1) attends to itself only, so no row of the softmax is empty."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    si, sj = seg[:, :, None], seg[:, None, :]
+    allowed = causal & ((sj == 0) | (sj == si)) & (sj >= 0)
+    return allowed | torch.eye(T, dtype=torch.bool)
 
 
 def score_pairs(model: ScoringModel, pairs: Sequence[tuple[str, str]],
@@ -175,12 +248,23 @@ def hf_scoring_model(model: Any, tokenizer: Any, device: Any = "cpu") -> Scoring
     scoring = ScoringModel(hf_logits_fn(model), encode, prefix, hf_context(model), model.config.vocab_size, device)
     body, head = getattr(model, "base_model", None), model.get_output_embeddings()
     if body is not None and body is not model and head is not None:  # GPT-2 and most causal LMs: backbone + head
-        scoring.hidden_fn = lambda ids: body(input_ids=ids, use_cache=False).last_hidden_state
-        scoring.head_fn = head
+        def hidden(ids, positions=None, mask=None):
+            if mask is None:
+                return body(input_ids=ids, use_cache=False).last_hidden_state
+            additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            additive.masked_fill_(~mask, torch.finfo(torch.float32).min)
+            return body(input_ids=ids, attention_mask=additive[:, None], position_ids=positions,
+                        use_cache=False).last_hidden_state
+
+        scoring.hidden_fn, scoring.head_fn = hidden, head
+        # GPT-2 takes a 4D float mask with position ids (tested against separate inputs); other architectures get
+        # one row per choice rather than a mask they may not honour.
+        scoring.tree_mask = getattr(model.config, "model_type", "") == "gpt2"
     return scoring
 
 
 def gpt_scoring_model(model: Any, tokenizer: Any, device: Any = "cpu") -> ScoringModel:
     """A `ScoringModel` of sparknet's own GPT (`sparknet.model.GPT`, eval mode) and the run's tokenizer, in float32."""
     return ScoringModel(None, tokenizer.encode_batch, tokenizer.eot_id, model.shape.n_positions, tokenizer.vocab_size,
-                        device, hidden_fn=lambda ids: model.hidden(ids).float(), head_fn=lambda h: model.head(h).float())
+                        device, hidden_fn=lambda ids, positions=None, mask=None: model.hidden(ids, positions, mask).float(),
+                        head_fn=lambda h: model.head(h).float(), tree_mask=True)
