@@ -37,6 +37,11 @@ fi
 
 "$PY" -m sparknet.run mixtures/quickstart.yaml "lab_dir=$LAB" "$@"
 
+if [ "$offline" = 1 ] && [ -z "${SPARKNET_DOWNSTREAM:-}" ]; then
+  echo "Downstream tasks not scored (offline): once online, .venv/bin/python -m sparknet.evaluate downstream" \
+       "$LAB/runs/<run> --tasks arc_easy,hellaswag,piqa,winogrande --items 200 scores them; or now, from a local copy:" \
+       "SPARKNET_DOWNSTREAM=DIR bash scripts/quickstart.sh --fresh"
+fi
 if [ "$offline" = 1 ] && [ -z "${SPARKNET_WIKITEXT:-}" ]; then
   echo "WikiText-2 not scored (offline): once online, .venv/bin/python -m sparknet.compare --evaluate --experiment" \
        "quickstart scores the run, GPT-2 and CodeLion; or now, from a local copy: SPARKNET_WIKITEXT=DIR bash" \

@@ -607,7 +607,7 @@ def test_hub_check_gives_up_within_five_seconds_on_a_silent_server(subprocess_en
 @pytest.mark.slow
 def test_quickstart_offline_finishes_with_one_line_then_scores_from_a_local_copy(tmp_path, subprocess_env):
     env = {k: v for k, v in subprocess_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                                  "SPARKNET_WIKITEXT")}
+                                                                  "SPARKNET_WIKITEXT", "SPARKNET_DOWNSTREAM")}
     # No HF_HUB_OFFLINE: the script must find out itself. A refused port stands for an unreachable hub.
     env |= {"SPARKNET_NO_INSTALL": "1", "SPARKNET_LAB": str(tmp_path / "lab"), "HF_ENDPOINT": "http://127.0.0.1:9",
             "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, on any machine
@@ -621,6 +621,8 @@ def test_quickstart_offline_finishes_with_one_line_then_scores_from_a_local_copy
     assert lines[0].startswith("the Hugging Face hub is not reachable") and "working offline" in lines[0]
     hint = [line for line in lines if line.startswith("WikiText-2 not scored (offline)")]
     assert len(hint) == 1 and "sparknet.compare --evaluate" in hint[0] and "SPARKNET_WIKITEXT=DIR" in hint[0]
+    hint = [line for line in lines if line.startswith("Downstream tasks not scored (offline)")]
+    assert len(hint) == 1 and "sparknet.evaluate downstream" in hint[0] and "SPARKNET_DOWNSTREAM=DIR" in hint[0]
     assert "bpb@512" not in done.stdout  # no table of gaps
     assert offline_s < 300
 

@@ -262,9 +262,14 @@ def test_a_run_ends_with_downstream_figures_in_mlflow_and_its_folder(tmp_path, d
     # compare: the run's task columns (bpb first, with standard errors) and the published rows beside, never in
     # one cell with a measured figure.
     from sparknet.compare import KIND_REPORTED, KIND_RUN, CompareOptions, compare
+    from sparknet.compare.render import to_text
 
     table = compare(CompareOptions(lab=tmp_path / "lab", baselines=(), log=False, out=tmp_path / "cmp"),
                     log=lambda *a: None).frame
+    text = to_text(table)
+    assert "downstream tasks, report items: correct-answer bits per byte" in text
+    assert f"{figures[0]['metrics']['bpb']:.3f}" in text and "reported, accuracy %: CodeLion gpt-2-70m: mmlu 24.11" in text
+    assert "seeded 10-item subsets" in text
     run = table[table["kind"] == KIND_RUN].iloc[0]
     assert run["arc_easy bpb"] == pytest.approx(figures[0]["metrics"]["bpb"])
     assert run["arc_easy bpb ±"] == pytest.approx(figures[0]["stderr"]["bpb"])

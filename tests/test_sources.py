@@ -14,13 +14,13 @@ import pytest
 
 from sparknet.config import SourceConfig
 from sparknet.errors import SparknetError
+from sparknet.pydocs import module_docstrings
 from sparknet.sources import (
     check_source,
     html_to_text,
     iter_documents,
     list_files,
     markdown_to_text,
-    module_docstrings,
     resolve_hf_commit,
     source_identity,
     split_front_matter,
@@ -473,7 +473,7 @@ def test_pydocs_docstrings_and_code_are_disjoint_views_of_the_stdlib():
 
 
 def test_code_without_docstrings_cuts_exactly_the_docstrings():
-    from sparknet.sources import code_without_docstrings
+    from sparknet.pydocs import code_without_docstrings
 
     src = ('''"""The module's docstring, long enough to count."""\n'''
            "import os  # a comment stays\n\n"
@@ -502,11 +502,11 @@ def test_code_without_docstrings_cuts_exactly_the_docstrings():
 
 
 def test_pydocs_readmes_are_package_descriptions():
-    from sparknet.sources import _distributions
+    from sparknet.pydocs import distributions
 
     readmes = pydocs("readmes", 400)
     assert sum(len(r) > 200 for r in readmes) >= 5
-    names = [n.lower() for n, _, _ in _distributions()]
+    names = [n.lower() for n, _, _ in distributions()]
     assert len(readmes) == len(names)
     optuna_readme = readmes[names.index("optuna")]
     assert "Optuna" in optuna_readme and "hyperparameter" in optuna_readme.lower()

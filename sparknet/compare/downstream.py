@@ -81,8 +81,12 @@ class DownstreamRows:
                 measured = True
                 add_columns(row, figures)
                 tags = by_id[row.run_id].tags
+                items = tags.get("sparknet.downstream_items", "")
+                if items and items != "all":
+                    row.notes.append(f"downstream: seeded {items}-item subsets of each task's report items")
                 if "hellaswag" in figures and tags.get("sparknet.downstream_source", "hub") != "hub":
-                    row.notes.append("HellaSwag: the local preprocessed copy (see `sparknet.downstream.tasks`)")
+                    row.notes.append("HellaSwag: the local preprocessed copy (brackets stripped, ctx_b not "
+                                     "capitalized; see sparknet.downstream.tasks)")
         if measured and ctx.opts.reported:
             rows += reported_downstream_rows()
 
@@ -96,3 +100,37 @@ def reported_downstream_rows() -> list[Row]:
             row.columns[f"{task} reported %"] = pct
         out.append(row)
     return out
+
+
+def downstream_text(frame, width: int = 120) -> str:
+    """The terminal's downstream block under the compact table: each row with downstream figures (numbered as the
+    table above numbers it), per task the correct-answer bpb with acc_norm (acc where the task has no acc_norm) in
+    brackets; then the published percentages, apart. '' when no row has any."""
+    import pandas as pd
+
+    tasks = list(dict.fromkeys(c[: -len(" bpb")] for c in frame.columns
+                               if c.endswith(" bpb") and not c.startswith(("hf-strided-", "sparknet-blog"))))
+    published = [c for c in frame.columns if c.endswith(" reported %")]
+    if not tasks:
+        return ""
+    lines = ["", "downstream tasks, report items: correct-answer bits per byte (lower is better), acc_norm or acc "
+                 "in brackets"]
+    head = ["#", "model"] + tasks
+    body = []
+    for i in range(len(frame)):
+        cells = []
+        for t in tasks:
+            bpb = frame[f"{t} bpb"].iat[i]
+            acc = next((frame[f"{t} {m}"].iat[i] for m in ("acc_norm", "acc")
+                        if f"{t} {m}" in frame and not pd.isna(frame[f"{t} {m}"].iat[i])), None)
+            cells.append("—" if pd.isna(bpb) else f"{bpb:.3f}" + (f" ({acc:.2f})" if acc is not None else ""))
+        if any(c != "—" for c in cells):
+            body.append([str(i + 1), str(frame["model"].iat[i])[:30], *cells])
+    widths = [max(len(r[j]) for r in [head, *body]) for j in range(len(head))]
+    lines += ["  ".join(v.rjust(w) if j > 1 else v.ljust(w) for j, (v, w) in enumerate(zip(r, widths))).rstrip()
+              for r in [head, *body]]
+    for i in range(len(frame)):
+        figures = [f"{c[: -len(' reported %')]} {frame[c].iat[i]:g}" for c in published if not pd.isna(frame[c].iat[i])]
+        if figures:
+            lines.append(f"{i + 1}. reported, accuracy %: {frame['model'].iat[i]}: {', '.join(figures)}")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparknet.compare.downstream import downstream_text
 from sparknet.compare.table import (
     GAP,
     KIND_BASELINE,
@@ -209,7 +210,7 @@ def to_text(frame: pd.DataFrame, protocols: Sequence[str] | None = None, width: 
         legend.append("≈ approximate published figure")
     legend.append(f"{GAP} no value: the notes say why; every column: --wide, compare.csv, compare.md")
     wrapped = [w for item in legend for w in textwrap.wrap(item, width=width, subsequent_indent="  ")]
-    return "\n".join(out) + "\n" + "\n".join(wrapped) + _notes_block(frame, width)
+    return "\n".join(out) + "\n" + "\n".join(wrapped) + downstream_text(frame, width) + _notes_block(frame, width)
 
 
 def plot_layout(frame: pd.DataFrame, protocols: Sequence[str]) -> dict[str, Any]:
