@@ -131,9 +131,18 @@ def test_leave_one_out_study_answers_with_table_plots_fit_and_a_runnable_best_co
     for n in NAMES:  # the data's own effect: a source left out is predicted worse than when it was trained on
         assert means.loc[f"without {n}", f"val/loss/{n}"] > means.loc["base", f"val/loss/{n}"] + 0.01, means
 
+    effects = pd.read_csv(folder / "effects.csv")  # the source x metric table: a source helps its own slice
+    for n in NAMES:
+        own = effects[(effects["source"] == n) & (effects["metric"] == f"val/{n}")].iloc[0]
+        assert own["effect"] == pytest.approx(means.loc["base", f"val/loss/{n}"] - means.loc[f"without {n}", f"val/loss/{n}"])
+        assert own["effect"] < -0.01 and own["stderr"] > 0
     readme = (folder / "README.md").read_text()
+    assert "## Which source helps which metric" in readme
     assert "python -m sparknet.ablate" in readme and "--design leave-one-out" in readme and "--seeds 2" in readme
-    table = [line for line in readme.splitlines() if line.startswith("| ") and "---" not in line]
+    lines = readme.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next(i for i in range(first, len(lines)) if not lines[i].startswith("|"))
+    table = [line for line in lines[first:end] if "---" not in line]  # the result table (the effects table follows)
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:4] == ["mixture", "w docs", "w readmes", "w code"] and "sd over seeds" in header
     assert {"tokens docs", "val/docs", "val/code", "wikitext-valid/bpb"} <= set(header)

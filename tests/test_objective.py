@@ -32,10 +32,11 @@ def test_names_metrics_and_aliases(text, name, metric, kind):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("val/web", "objective 'val/web': the mixture has no source 'web' (fix: use val, val/<source> (docs, code) or "
-                "wikitext-valid)"),
+    ("val/web", "objective 'val/web': the mixture has no source 'web' (fix: use val, val/<source> (docs, code), "
+                "wikitext-valid, downstream or downstream/<task>)"),
     ("val/loss/web", "the mixture has no source 'web'"),
-    ("wikitext-test", "objective 'wikitext-test': unknown (fix: use val, val/<source> (docs, code) or wikitext-valid)"),
+    ("wikitext-test", "objective 'wikitext-test': unknown (fix: use val, val/<source> (docs, code), wikitext-valid, "
+                      "downstream or downstream/<task>)"),
     ("", "unknown"),
 ])
 def test_unknown_names_are_one_line_errors(text, message):

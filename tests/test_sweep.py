@@ -597,8 +597,8 @@ def test_bad_space_files_fail_before_any_trial(lab, tmp_path, capsys, space, mes
 
 @pytest.mark.parametrize("objective, message", [
     ("val/nope", "--objective: objective 'val/nope': the mixture has no source 'nope'"),
-    ("wikitext-test", "--objective: objective 'wikitext-test': unknown (fix: use val, val/<source> (docs, code) or "
-                      "wikitext-valid)"),
+    ("wikitext-test", "--objective: objective 'wikitext-test': unknown (fix: use val, val/<source> (docs, code), "
+                      "wikitext-valid, downstream or downstream/<task>)"),
 ])
 def test_bad_objectives_fail_before_any_trial(lab, tmp_path, capsys, objective, message):
     argv = args_for(lab, "never", "--objective", objective, storage=f"sqlite:///{tmp_path / 'never.db'}")
