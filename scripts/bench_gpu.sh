@@ -6,6 +6,8 @@
 #      tokens/s. The HF Trainer contender is skipped unless --with-hf.
 #   2. scripts/bench_eval.py --preset gpt2-70m --device cuda (WikiText-2 hf-strided evaluation; target <= 5 s
 #      per stride on an H100).
+#   4. scripts/bench_downstream.py --preset gpt2-70m --device cuda: our downstream scorer beside lm-eval on the same
+#      200 items a task, then every item of the default task set with our scorer (the time a run's end takes).
 #   3. the peak memory of a gpt2-70m training step at micro-batch 24 x 1024 (bf16, accumulation 2, AdamW), eager
 #      (the fused loss) and compiled: torch.cuda.max_memory_allocated beside sparknet.device.estimate_memory, the
 #      estimate that --dry-run prints and that an out-of-memory error and train.micro_batch_size=auto go by.
@@ -17,6 +19,7 @@
 #         already holds a CUDA build of torch that suits the GPU (scripts/bootstrap.sh keeps it; otherwise it
 #         installs one: PyPI's on x86_64, PyTorch's cu130 index on a DGX Spark, which needs network access).
 # Results: <out>/train-compile-{off,on}.{log,json}, <out>/eval.{log,json}, <out>/memory-{eager,compiled}.json,
+# <out>/downstream-{200,full}.log,
 # and a summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +108,12 @@ echo "== eval gpt2-70m (bench_eval.py)"
 "$PY" scripts/bench_eval.py --preset gpt2-70m --device cuda --wikitext "$DATA/wikitext-2-raw" \
   --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.log"
 
+echo "== downstream tasks, gpt2-70m: our scorer vs lm-eval on 200 items a task, then the full default set (ours)"
+"$PY" scripts/bench_downstream.py --preset gpt2-70m --device cuda --items 200 --data "$DATA/downstream" \
+  2>&1 | tee "$OUT/downstream-200.log" || echo "bench_gpu: downstream (200 items) failed; see $OUT/downstream-200.log" >&2
+"$PY" scripts/bench_downstream.py --preset gpt2-70m --device cuda --items all --no-harness --data "$DATA/downstream" \
+  2>&1 | tee "$OUT/downstream-full.log" || echo "bench_gpu: downstream (full) failed; see $OUT/downstream-full.log" >&2
+
 echo "== summary ($OUT)"
 "$PY" - "$OUT" <<'EOF'
 import json, math, sys
@@ -143,6 +152,10 @@ for mode in ("eager", "compiled"):
     print(f"memory {mode:<8} gpt2-70m micro {m['micro_batch']} x {m['seq_len']}: max_memory_allocated "
           f"{m['measured_bytes'] / 2**30:.2f} GiB, estimate {m['estimate_bytes'] / 2**30:.2f} GiB "
           f"(measured/estimate {m['ratio']:.2f}{'' if m['compiled'] or mode == 'eager' else '; compile fell back to eager'})")
+for name in ("downstream-200.log", "downstream-full.log"):
+    if (out / name).exists():
+        last = [line for line in (out / name).read_text().splitlines() if line.startswith("all ")]
+        print(f"{name[:-4]}: {last[-1] if last else 'no result'}")
 for e in json.loads((out / "eval.json").read_text()):
     print(f"eval {e['protocol']} stride {e['details']['stride_tokens']}: {e['seconds']:.2f} s "
           f"(target <= 5 s on an H100), ppl {e['perplexity']:.0f} (random weights)")

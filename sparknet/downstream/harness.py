@@ -33,7 +33,7 @@ harness upgrade that changes a prompt shows up as a request mismatch, not as a s
 exactly our items (rather than `limit=`) makes the harness score the same subset and halves we do; the JSON
 builder needs no network and no dataset scripts. Each row is checked to rebuild its item, so items passed with the
 wrong role, folder or shots fail loudly instead of scoring other questions. Only our folder is indexed (the stock
-task folder takes ~15 s to scan). The hub path (`root=None`) uses `tasks._hub_rows`, which brings hub rows to the
+task folder takes ~15 s to scan). The hub path (`root=None`) uses `tasks.hub_rows`, which brings hub rows to the
 local layout, so the same YAMLs serve both. A missing or incomplete checkpoint (no config/weights, no tokenizer) is
 a one-line SparknetError before lm-eval loads anything.
 """
@@ -208,7 +208,7 @@ def _file_key(spec: TaskSpec, role: str) -> str:
 
 def _read_role_rows(spec: TaskSpec, key: str, root: Path | None) -> list[dict]:
     if root is None:
-        return tasks._hub_rows(spec, key)
+        return tasks.hub_rows(spec, key)
     return tasks.read_rows(root / spec.folder / spec.files[key])
 
 

@@ -307,7 +307,7 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _hub_rows(spec: TaskSpec, role_file: str) -> list[dict]:
+def hub_rows(spec: TaskSpec, role_file: str) -> list[dict]:
     """Rows of the harness's stock hub dataset, in the local layout (online, or from the datasets cache)."""
     from sparknet.hub import hub_offline
 
@@ -336,7 +336,7 @@ def _hub_rows(spec: TaskSpec, role_file: str) -> list[dict]:
 
 def _rows(spec: TaskSpec, which: str, root: Path | None) -> list[dict]:
     if root is None:
-        return _hub_rows(spec, which)
+        return hub_rows(spec, which)
     return read_rows(root / spec.folder / spec.files[which])
 
 
