@@ -86,7 +86,12 @@ def effects_markdown(abl, runs) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     how = ("base - without the source, means over seeds; ± from the seeds' spread (none with one seed)"
            if abl.design == LOO else f"least-squares slope per +{STEP} of the source's weight, ± its standard error")
-    return "\n".join(lines) + f"\n\nEach cell: {how}. Negative helps (lower loss, lower bpb)."
+    note = ""
+    if "hellaswag bpb" in labels:
+        from sparknet.downstream.tasks import HELLASWAG_CAVEAT
+
+        note = f" hellaswag: {HELLASWAG_CAVEAT} (unless the runs read the hub)."
+    return "\n".join(lines) + f"\n\nEach cell: {how}. Negative helps (lower loss, lower bpb).{note}"
 
 
 def effects_frame(abl, runs):

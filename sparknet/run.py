@@ -453,7 +453,8 @@ def score_downstream(cfg: RunConfig, run_dir: Path, final: Path, prepared, accel
         return {"downstream": [], "downstream_skipped": str(exc)}
     tracker.log_metrics(mlflow_metrics(results), step)
     tracker.set_tags({"sparknet.downstream_source": str(root) if root else "hub",
-                      "sparknet.downstream_items": str(cfg.eval.downstream_items)})
+                      "sparknet.downstream_items": str(cfg.eval.downstream_items),
+                      **{f"sparknet.downstream_caveat.{r.task}": r.caveat for r in results if r.caveat}})
     atomic.write_json(run_dir / "downstream.json", [r.to_dict() for r in results])
     atomic.write_bytes(run_dir / "downstream.md", (table(results) + "\n").encode())
     for name in ("downstream.json", "downstream.md"):

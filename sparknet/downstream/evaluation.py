@@ -111,7 +111,8 @@ def result_line(r: TaskResult) -> str:
     figures = "  ".join(f"{m} {_fmt(r.metrics[m], r.stderr.get(m))}" for m in METRIC_ORDER if m in r.metrics)
     of = f"{r.n_items:,} of {r.n_available:,} {r.role} items" if r.subset else f"{r.n_items:,} {r.role} items"
     shots = f", {r.shots}-shot" if r.shots else ""
-    return f"downstream {r.task:<15} {figures}  ({of}{shots}, {r.seconds:.1f} s)"
+    caveat = "; the local preprocessed copy" if r.caveat else ""
+    return f"downstream {r.task:<15} {figures}  ({of}{shots}{caveat}, {r.seconds:.1f} s)"
 
 
 def table(results: Sequence[TaskResult]) -> str:
@@ -128,6 +129,10 @@ def table(results: Sequence[TaskResult]) -> str:
         lines.append(f"| {r.task}{' *' if r.caveat else ''} | {items} | " + " | ".join(cells) + f" | {other} |")
         if r.caveat and r.caveat not in notes:
             notes.append(r.caveat)
+    if any(r.role == "select" for r in results):
+        lines.append("")
+        lines.append("Select items: the items `downstream` objectives choose by; a model a study chose on them has "
+                     "tuned figures here (report items are the test).")
     if any(r.subset for r in results):
         lines.append("")
         lines.append("Subsets: seeded and stratified (the same items for every model); full-set figures (model cards) "
