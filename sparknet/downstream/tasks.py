@@ -35,14 +35,7 @@ from sparknet.errors import SparknetError
 DOWNSTREAM_ENV = "SPARKNET_DOWNSTREAM"
 ROLES = ("report", "select", "full")
 SUBSET_SALT = "sparknet-downstream-1"  # changing it changes every subset and half: part of every result's key
-MMLU_POOL_PER_SUBJECT = 5
 
-KINDS = {
-    "multiple_choice": "one context, one continuation per choice",
-    "partial": "one context per choice, one shared continuation (partial scoring)",
-    "last_word": "one context, the last word as continuation (accuracy = greedy)",
-    "mc2": "multiple true answers: the normalized probability mass on them",
-}
 
 HELLASWAG_CAVEAT = ("HellaSwag from the local preprocessed copy (klosax/hellaswag_text_data): brackets already "
                     "stripped, ctx_b not capitalized, so prompts can differ from the harness's hub version in "
@@ -76,7 +69,7 @@ class Item:
     choices: tuple[str, ...]         # the harness's choice strings: acc_norm divides by their lengths
     gold: int                        # index of the right choice (mc2: of the first true answer)
     labels: tuple[int, ...] = ()     # mc2: 1 for each true answer
-    stratum: str = ""
+    stratum: str = ""                # what subsets and halves stratify by: the gold label (MMLU: the subject)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -88,14 +81,14 @@ class Item:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
+    # multiple_choice: one context, a continuation per choice; partial: a context per choice, one shared
+    # continuation; last_word: the last word as continuation (acc = greedy); mc2: several true answers.
     kind: str
     folder: str
     files: dict[str, str]            # role ("report", "select" or "halves") -> file in the folder
     hub: tuple[str, str | None, dict[str, str]]  # (dataset id, config, role -> split), for online use
     build: Callable[[dict, int, Sequence[dict]], Item]
-    metrics: tuple[str, ...]
     shots_default: int = 0
-    stratify: str = "gold"           # "gold" or a row field (MMLU: subject)
     caveat: str = ""
 
     @property
@@ -180,36 +173,33 @@ def _truthfulqa(name: str, targets: str):
     return build
 
 
-_MC = ("acc", "acc_norm", "bpb")
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("hellaswag", "multiple_choice", "hellaswag", {"halves": "validation.jsonl.gz"},
-             ("Rowan/hellaswag", None, {"halves": "validation"}), _hellaswag, _MC, caveat=HELLASWAG_CAVEAT),
+             ("Rowan/hellaswag", None, {"halves": "validation"}), _hellaswag, caveat=HELLASWAG_CAVEAT),
     TaskSpec("arc_easy", "multiple_choice", "arc_easy", {"report": "test.jsonl", "select": "validation.jsonl"},
-             ("allenai/ai2_arc", "ARC-Easy", {"report": "test", "select": "validation"}), _arc("arc_easy"), _MC),
+             ("allenai/ai2_arc", "ARC-Easy", {"report": "test", "select": "validation"}), _arc("arc_easy")),
     TaskSpec("arc_challenge", "multiple_choice", "arc_challenge",
              {"report": "test.jsonl", "select": "validation.jsonl"},
              ("allenai/ai2_arc", "ARC-Challenge", {"report": "test", "select": "validation"}),
-             _arc("arc_challenge"), _MC),
+             _arc("arc_challenge")),
     TaskSpec("piqa", "multiple_choice", "piqa", {"halves": "validation.jsonl"},
-             ("baber/piqa", None, {"halves": "validation"}), _piqa, _MC),
+             ("baber/piqa", None, {"halves": "validation"}), _piqa),
     TaskSpec("winogrande", "partial", "winogrande", {"halves": "dev_llmfoundry_format.jsonl"},
-             ("allenai/winogrande", "winogrande_xl", {"halves": "validation"}), _winogrande, ("acc", "bpb")),
+             ("allenai/winogrande", "winogrande_xl", {"halves": "validation"}), _winogrande),
     TaskSpec("boolq", "multiple_choice", "boolq", {"halves": "validation.jsonl"},
-             ("aps/super_glue", "boolq", {"halves": "validation"}), _boolq, _MC),
+             ("aps/super_glue", "boolq", {"halves": "validation"}), _boolq),
     TaskSpec("openbookqa", "multiple_choice", "openbookqa", {"report": "test.jsonl", "select": "validation.jsonl"},
-             ("allenai/openbookqa", "main", {"report": "test", "select": "validation"}), _openbookqa, _MC),
+             ("allenai/openbookqa", "main", {"report": "test", "select": "validation"}), _openbookqa),
     TaskSpec("lambada_openai", "last_word", "lambada_openai", {"halves": "lambada_test.jsonl"},
-             ("EleutherAI/lambada_openai", "default", {"halves": "test"}), _lambada, ("acc", "perplexity", "bpb"),
-             stratify=""),
+             ("EleutherAI/lambada_openai", "default", {"halves": "test"}), _lambada),
     TaskSpec("mmlu", "multiple_choice", "mmlu", {"halves": "test.jsonl.gz", "pool": "dev.jsonl"},
-             ("cais/mmlu", "all", {"halves": "test", "pool": "dev"}), _mmlu, _MC, shots_default=5,
-             stratify="subject"),
+             ("cais/mmlu", "all", {"halves": "test", "pool": "dev"}), _mmlu, shots_default=5),
     TaskSpec("truthfulqa_mc1", "multiple_choice", "truthfulqa", {"halves": "validation_multiple_choice.jsonl"},
              ("truthfulqa/truthful_qa", "multiple_choice", {"halves": "validation"}),
-             _truthfulqa("truthfulqa_mc1", "mc1_targets"), _MC, stratify=""),
+             _truthfulqa("truthfulqa_mc1", "mc1_targets")),
     TaskSpec("truthfulqa_mc2", "mc2", "truthfulqa", {"halves": "validation_multiple_choice.jsonl"},
              ("truthfulqa/truthful_qa", "multiple_choice", {"halves": "validation"}),
-             _truthfulqa("truthfulqa_mc2", "mc2_targets"), ("acc", "bpb"), stratify=""),
+             _truthfulqa("truthfulqa_mc2", "mc2_targets")),
 )}
 
 
