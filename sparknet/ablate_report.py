@@ -197,6 +197,10 @@ def command_line(abl) -> str:
     if abl.objective.kind == WIKITEXT_VALID and wikitext and not any(o.startswith("eval.wikitext_path=")
                                                                      for o in abl.base_overrides):
         env = f"SPARKNET_WIKITEXT={shlex.quote(wikitext)} "  # where the objective's text came from
+    downstream = os.environ.get("SPARKNET_DOWNSTREAM")
+    if downstream and not any(o.startswith("eval.downstream_path=") for o in abl.base_overrides) and (
+            abl.objective.kind == DOWNSTREAM or load_config(abl.mixture, list(abl.base_overrides)).eval.downstream):
+        env += f"SPARKNET_DOWNSTREAM={shlex.quote(downstream)} "  # where the task files came from
     return env + " ".join(shlex.quote(p) for p in [*parts, *abl.base_overrides])
 
 
