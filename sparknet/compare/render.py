@@ -143,6 +143,12 @@ def _human_count(v: Any) -> str:
     return f"{v:.0f}"
 
 
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(1, width - 1)] + "…"
 
@@ -170,6 +176,10 @@ def to_text(frame: pd.DataFrame, protocols: Sequence[str] | None = None, width: 
                 for p in protocols]
     numeric.append(("val loss", "val loss"))
     cells = []
+    published = [c for c in frame.columns if c.endswith(" reported %")]
+    only_downstream = [frame["kind"].iat[i] == KIND_REPORTED and any(not _missing(frame[c].iat[i]) for c in published)
+                       and all(_missing(frame[col].iat[i]) for _, col in numeric if col in frame)
+                       for i in range(len(frame))]
     for i in range(len(frame)):
         values = []
         for _, col in numeric:
@@ -196,6 +206,8 @@ def to_text(frame: pd.DataFrame, protocols: Sequence[str] | None = None, width: 
     out = [line("#", "model", "tokens", "mixture", [h for h, _ in numeric])]
     kind = None
     for i, c in enumerate(cells):
+        if only_downstream[i]:  # a published downstream row: listed, with its number, in the block below
+            continue
         if frame["kind"].iat[i] != kind:
             kind = frame["kind"].iat[i]
             out.append(f"-- {_KIND_HEADINGS.get(kind, kind)}")
