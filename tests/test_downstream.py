@@ -357,3 +357,18 @@ def test_shared_context_rows_score_as_separate_inputs_for_our_model_and_the_expo
         got = score_pairs(model, pairs, max_batch_tokens=400)
         assert max(abs(a[0] - b[0]) for a, b in zip(got, separate)) < 1e-4
         assert [a[1] for a in got] == [b[1] for b in separate]
+
+
+def test_rows_hold_a_shared_prefix_once_with_positions_by_depth_within_their_cap():
+    from sparknet.downstream.score import _rows
+
+    few_shot = (7, 8, 9, 10)  # the examples every question of a subject opens with
+    requests = [(few_shot + (1, 2), [3]), (few_shot + (1, 2), [4]), (few_shot + (5,), [6]), ((11, 12), [13, 14])]
+    rows = _rows(requests, max_row_tokens=8, share=True)
+    first = next(row for row in rows if 0 in row.preds)
+    assert first.tokens == [7, 8, 9, 10, 1, 2, 5] and first.positions == [0, 1, 2, 3, 4, 5, 4]
+    assert first.parents == [-1, 0, 1, 2, 3, 4, 3] and first.branched
+    assert first.preds[0] == first.preds[1] == [5] and first.preds[2] == [6]  # one input, two one-token answers
+    other = next(row for row in rows if 3 in row.preds)
+    assert other is not first and other.tokens == [11, 12] and other.preds[3] == [0, 1]  # over the cap: a new row
+    assert [len(r.tokens) for r in _rows(requests, max_row_tokens=8, share=False)] == [6, 5, 2]  # no sharing

@@ -34,6 +34,9 @@ EncodeFn = Callable[[list[str]], list[list[int]]]
 LOGITS_BUDGET_ELEMENTS = 2**27
 # The continuation rows' logits are computed this many elements at a time (2**25: 128 MiB).
 ROW_CHUNK_ELEMENTS = 2**25
+# A shared-prefix row holds at most this many tokens (or the model's context, if longer): long enough that MMLU's
+# five examples are computed once for a dozen questions, short enough that its dense mask and attention stay small.
+MAX_ROW_TOKENS = 2048
 
 
 @dataclass
@@ -86,6 +89,8 @@ def _inputs(encoded: Sequence[tuple[list[int], list[int]]], n_positions: int) ->
     for context_ids, cont_ids in encoded:
         if not cont_ids:
             raise ValueError("an empty continuation cannot be scored")
+        if len(cont_ids) > n_positions:  # the harness refuses these too (its assert)
+            raise ValueError(f"a continuation of {len(cont_ids)} tokens does not fit the model's {n_positions}")
         whole = (context_ids + cont_ids)[-(n_positions + 1):]
         out.append((tuple(whole[:-1]), cont_ids[-len(whole):] if len(cont_ids) > len(whole) else cont_ids))
     return out
@@ -105,52 +110,56 @@ def default_batch_tokens(model: ScoringModel) -> int:
 
 @dataclass
 class _Row:
-    """One model input: a context once, then each request's continuation (less its last token) as a segment that
-    sees the context and itself only. `preds[r]` lists, for request r, the row positions its tokens are predicted
-    from (the context's last position predicts every continuation's first token)."""
+    """One model input: a trie of requests' inputs flattened so that every token comes after its parent (a shared
+    prefix once: MMLU's five examples, an item's context before its choices). `parents[i]` is the row index of token
+    i's parent (-1 at the root); a token attends to its ancestors and itself; its position is its depth. `preds[r]`
+    lists, for request r, the row indices its continuation's tokens are predicted from."""
 
     tokens: list[int]
     positions: list[int]
-    segments: list[int]          # 0: the context; 1, 2, ...: one per continuation
+    parents: list[int]
     preds: dict[int, list[int]]
 
     @property
     def branched(self) -> bool:
-        """More than one continuation segment: only a mask keeps them apart."""
-        return max(self.segments) > 1
+        """Not one chain: only a mask keeps the branches apart."""
+        return any(p != i - 1 for i, p in enumerate(self.parents))
 
 
-def _rows(requests: Sequence[tuple[tuple[int, ...], list[int]]], n_positions: int, share: bool) -> list[_Row]:
-    """The model inputs for `requests` ((input, continuation) each). Requests whose input is the same context plus
-    their own continuation share one row (`share`: the model takes a tree mask); identical inputs always do."""
-    by_context: dict[tuple[int, ...], list[int]] = {}
-    by_input: dict[tuple[int, ...], list[int]] = {}
-    for r, (inp, cont) in enumerate(requests):
-        context = inp[: len(inp) - len(cont) + 1]  # the input is this, then the continuation less its last token
-        if share and context:  # (left truncation included: a truncated context is its own key)
-            by_context.setdefault(context, []).append(r)
-        else:
-            by_input.setdefault(inp, []).append(r)
-    rows = []
-    for inp, rs in by_input.items():
-        n = len(inp)
-        rows.append(_Row(list(inp), list(range(n)), [0] * n,
-                         {r: list(range(n - len(requests[r][1]), n)) for r in rs}))
-    for context, rs in by_context.items():
-        tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
-        preds = {}
-        seen: dict[tuple[int, ...], list[int]] = {}  # continuations with the same head share a segment
-        for r in rs:
-            head = tuple(requests[r][1][:-1])
-            if head not in seen:
-                start = len(tokens)
-                seg = max(segments) + 1 if head else 0
-                tokens += head
-                positions += range(len(context), len(context) + len(head))
-                segments += [seg] * len(head)
-                seen[head] = list(range(start, start + len(head)))
-            preds[r] = [len(context) - 1] + seen[head]
-        rows.append(_Row(tokens, positions, segments, preds))
+def _rows(requests: Sequence[tuple[tuple[int, ...], list[int]]], max_row_tokens: int, share: bool) -> list[_Row]:
+    """The model inputs for `requests` ((input, continuation) each). Identical inputs always share one row; with
+    `share` (the model takes a tree mask), requests in input order fill a row while the union of their inputs (a
+    trie: common prefixes once) stays within `max_row_tokens`."""
+    order = sorted(range(len(requests)), key=lambda r: requests[r][0])
+    rows: list[_Row] = []
+    row: _Row | None = None
+    index: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent index, token) -> row index, within the row
+    for r in order:
+        inp, cont = requests[r]
+        if row is not None and not share and tuple(row.tokens) != inp:
+            row = None
+        # How many new tokens this input adds to the current row (those past its longest prefix already there).
+        path, parent = [], -1
+        if row is not None:
+            for tok in inp:
+                nxt = index.get((parent, tok))
+                if nxt is None:
+                    break
+                path.append(nxt)
+                parent = nxt
+            if len(row.tokens) + len(inp) - len(path) > max_row_tokens:
+                row = None
+        if row is None:
+            row, index, path, parent = _Row([], [], [], {}), {}, [], -1
+            rows.append(row)
+        for tok in inp[len(path):]:
+            row.tokens.append(tok)
+            row.positions.append(len(path))
+            row.parents.append(parent)
+            parent = len(row.tokens) - 1
+            index[(row.parents[-1], tok)] = parent
+            path.append(parent)
+        row.preds[r] = path[len(path) - len(cont):]
     return rows
 
 
@@ -159,7 +168,8 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
     """(log-likelihood of the continuation, whether it is greedy) per encoded pair, in order."""
     requests = _inputs(encoded, model.n_positions)
     share = model.tree_mask and model.hidden_fn is not None
-    rows = sorted(_rows(requests, model.n_positions, share), key=lambda row: (-len(row.tokens), row.tokens))
+    row_tokens = max(model.n_positions, MAX_ROW_TOKENS)
+    rows = sorted(_rows(requests, row_tokens, share), key=lambda row: (-len(row.tokens), row.tokens))
     budget = max_batch_tokens or default_batch_tokens(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     start = 0
@@ -169,11 +179,9 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
         start += len(batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         pos = torch.zeros((len(batch), width), dtype=torch.long)
-        seg = torch.full((len(batch), width), -1, dtype=torch.long)
         for b, row in enumerate(batch):
             n = len(row.tokens)
-            ids[b, :n], pos[b, :n], seg[b, :n] = (torch.tensor(v, dtype=torch.long)
-                                                 for v in (row.tokens, row.positions, row.segments))
+            ids[b, :n], pos[b, :n] = (torch.tensor(v, dtype=torch.long) for v in (row.tokens, row.positions))
         # Every (batch row, position) a continuation token is predicted from, and the request it belongs to.
         where_b, where_t, targets, owner = [], [], [], []
         for b, row in enumerate(batch):
@@ -186,7 +194,7 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
             if model.hidden_fn is not None and model.head_fn is not None:
                 if any(row.branched for row in batch):
                     picked = model.hidden_fn(ids.to(model.device), pos.to(model.device),
-                                             _tree_mask(seg).to(model.device))[where_b, where_t]
+                                             _tree_mask(batch, width).to(model.device))[where_b, where_t]
                 else:  # plain causal rows (right padding is never seen): the fast kernels
                     picked = model.hidden_fn(ids.to(model.device), None, None)[where_b, where_t]
                 head = model.head_fn
@@ -214,14 +222,19 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
     return results  # type: ignore[return-value]
 
 
-def _tree_mask(seg: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] bool, True where position i may attend to j: j <= i, and j is context or in i's own segment.
-    Padding (segment -1) attends to itself only, so no row of the softmax is empty."""
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    si, sj = seg[:, :, None], seg[:, None, :]
-    allowed = causal & ((sj == 0) | (sj == si)) & (sj >= 0)
-    return allowed | torch.eye(T, dtype=torch.bool)
+def _tree_mask(batch: Sequence[_Row], width: int) -> torch.Tensor:
+    """[B, T, T] bool, True where token i may attend to j: j is i itself or one of its ancestors. Padding attends to
+    itself only, so no row of the softmax is empty."""
+    mask = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    for b, row in enumerate(batch):
+        m = mask[b]
+        for i, p in enumerate(row.parents):  # parents come first: a token's row is its parent's, plus itself
+            if p >= 0:
+                m[i] = m[p]
+            m[i, i] = True
+        for i in range(len(row.parents), width):
+            m[i, i] = True
+    return mask
 
 
 def score_pairs(model: ScoringModel, pairs: Sequence[tuple[str, str]],
