@@ -123,18 +123,21 @@ def main() -> int:
     print(line)
 
     if args.full_estimate:
-        full = load_task_items(tasks, role="full", n_items=None, root=root)
-        sample_tokens = sum(len(i) for t in loaded for i in {inp for inp, _ in _inputs(
-            encode_pairs([p for it in t.items for p in it.pairs], ours.encode, ours.prefix_token_id), ours.n_positions)})
+        from sparknet.downstream.score import MAX_ROW_TOKENS, _rows
+
+        def row_tokens(pairs):  # the tokens our scorer runs: inputs as tries per row, common prefixes once
+            requests = _inputs(encode_pairs(pairs, ours.encode, ours.prefix_token_id), ours.n_positions)
+            rows = _rows(requests, max(ours.n_positions, MAX_ROW_TOKENS), ours.tree_mask)
+            return len(rows), sum(len(r.tokens) for r in rows)
+
+        sample_tokens = sum(row_tokens([p for it in t.items for p in it.pairs])[1] for t in loaded)
         rate = sample_tokens / totals["ours"]
-        print(f"\nfull default set (every item, role full): our scorer ran {rate:,.0f} input tokens/s here")
+        print(f"\nfull default set (every item, role full): our scorer ran {rate:,.0f} row tokens/s here")
         total_s = 0.0
-        for t in full:
-            pairs = [p for it in t.items for p in it.pairs]
-            inputs = {inp for inp, _ in _inputs(encode_pairs(pairs, ours.encode, ours.prefix_token_id), ours.n_positions)}
-            tokens = sum(len(i) for i in inputs)
+        for t in load_task_items(tasks, role="full", n_items=None, root=root):
+            n_rows, tokens = row_tokens([p for it in t.items for p in it.pairs])
             total_s += tokens / rate
-            print(f"  {t.name:<16}{len(t.items):>7,} items {len(inputs):>8,} inputs {tokens:>12,} tokens  "
+            print(f"  {t.name:<16}{len(t.items):>7,} items {n_rows:>8,} rows {tokens:>12,} tokens  "
                   f"~{tokens / rate / 60:,.1f} min")
         print(f"  estimated total ~{total_s / 60:,.1f} min ({total_s / 3600:.2f} h) on this machine")
     return 0
