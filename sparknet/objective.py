@@ -38,7 +38,8 @@ Every trial records all per-source losses, so a study can be re-read against ano
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,16 +248,33 @@ class Objective:
         return self.measure(outcome, cfg, device=device)[self.metric]
 
 
+@contextlib.contextmanager
+def _final_model(model_dir, cfg, device: Any = None) -> Iterator[tuple[Any, Any]]:
+    """(the exported model in `model_dir`, eval mode, on `device`; the device): default the run's (train.device).
+    On a GPU its memory is given back on leaving, before the next trial."""
+    import torch
+
+    from sparknet.model import load_exported
+
+    if device is None:
+        device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    model = load_exported(model_dir, cfg.model).to(device).eval()
+    try:
+        yield model, device
+    finally:
+        if device.type == "cuda":
+            model.cpu()
+            torch.cuda.empty_cache()
+
+
 def wikitext_valid_result(model_dir, cfg, *, rows: Sequence[str] | None = None, device: Any = None,
                           cache: dict | None = None):
     """`evaluate.EvalResult` of the exported model in `model_dir` (sparknet.model.load_exported with cfg.model)
     on the WikiText-2 validation split, tokenized by the run's tokenizer: windows of the model's context, stride =
     context, with bits per byte. `device`: default the run's (train.device). `cache` keeps the token ids of the
     joined text per tokenizer, so that a study tokenizes it once."""
-    import torch
-
     from sparknet.evaluate import eval_hf_strided, load_wikitext
-    from sparknet.model import load_exported
     from sparknet.prepare import resolve_tokenizer
 
     if rows is None:
@@ -268,50 +286,25 @@ def wikitext_valid_result(model_dir, cfg, *, rows: Sequence[str] | None = None, 
     if key not in cache:
         cache[key] = tok.encode_batch([text])[0]
     ids = cache[key]
-    if device is None:
-        want = cfg.train.device
-        device = "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    model = load_exported(model_dir, cfg.model).to(device).eval()
+    with _final_model(model_dir, cfg, device) as (model, device):
+        def logits_fn(x):  # float32, no autocast: every WikiText-2 figure follows evaluate.EVAL_DTYPE
+            return model(x).float()
 
-    def logits_fn(x):  # float32, no autocast: every WikiText-2 figure follows evaluate.EVAL_DTYPE
-        return model(x).float()
-
-    ctx = model.shape.n_positions
-    try:
+        ctx = model.shape.n_positions
         return eval_hf_strided(logits_fn, ids, tok.vocab_size, ctx, ctx, device=device, batch_size=cfg.eval.batch_size,
                                text_bytes=len(text.encode("utf-8")), split="validation")
-    finally:
-        if device.type == "cuda":  # the model goes with this frame; give its memory back before the next trial
-            model.cpu()
-            torch.cuda.empty_cache()
 
 
 def downstream_select_metrics(model_dir, cfg, tasks: Sequence[str], *, device: Any = None) -> dict[str, float]:
     """The exported model in `model_dir` on the select items of `tasks` (`eval.downstream_items` of each, the run's
     tokenizer): `downstream-select/<task>/bpb` per task and `downstream-select/bpb`, their mean."""
-    import torch
-
-    from sparknet.downstream.evaluation import evaluate_tasks
+    from sparknet.downstream.evaluation import evaluate_configured
     from sparknet.downstream.score import gpt_scoring_model
-    from sparknet.downstream.tasks import resolve_data
-    from sparknet.model import load_exported
     from sparknet.prepare import resolve_tokenizer
 
     tok = resolve_tokenizer(cfg, 1)
-    if device is None:
-        device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    model = load_exported(model_dir, cfg.model).to(device).eval()
-    scorer = gpt_scoring_model(model, tok, device)
-    items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
-    try:
-        results = evaluate_tasks(scorer, tasks, role="select", n_items=items, shots=cfg.eval.downstream_shots,
-                                 root=resolve_data(cfg.eval.downstream_path or None))
-    finally:
-        if device.type == "cuda":
-            model.cpu()
-            torch.cuda.empty_cache()
+    with _final_model(model_dir, cfg, device) as (model, device):
+        results = evaluate_configured(gpt_scoring_model(model, tok, device), cfg.eval, tasks, role="select")
     out = {f"{DOWNSTREAM_METRIC}/{r.task}/bpb": r.metrics["bpb"] for r in results}
     out[f"{DOWNSTREAM_METRIC}/bpb"] = sum(r.metrics["bpb"] for r in results) / len(results)
     return out

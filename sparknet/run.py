@@ -381,8 +381,14 @@ def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     result.final_model = str(final)
-    result_dict = result.to_dict() | score_wikitext(cfg, final, prepared, accelerator, tracker, result.steps)
-    result_dict |= score_downstream(cfg, run_dir, final, prepared, accelerator, tracker, result.steps)
+    # The final model, loaded once for WikiText-2 and the downstream tasks.
+    model = None
+    if cfg.eval.wikitext or cfg.eval.downstream:
+        from sparknet.model import load_exported
+
+        model = load_exported(final, cfg.model).to(accelerator.device).eval()
+    result_dict = result.to_dict() | score_wikitext(cfg, model, prepared, accelerator, tracker, result.steps)
+    result_dict |= score_downstream(cfg, run_dir, model, prepared, accelerator, tracker, result.steps)
     (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
     tracker.log_artifact(run_dir / "result.json")
     _finish_artifacts(cfg, run_dir, tracker)
@@ -394,15 +400,14 @@ def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator,
     _write_state(run_dir, state)
 
 
-def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, step: int) -> dict:
-    """The final model on WikiText-2 under `eval.wikitext`; an unreachable dataset is a recorded gap
-    (`wikitext_skipped` with the reason), not a failed run: the training is done and must not be lost."""
+def score_wikitext(cfg: RunConfig, model, prepared, accelerator, tracker, step: int) -> dict:
+    """The final model (`sparknet.model.GPT`, eval mode) on WikiText-2 under `eval.wikitext`; an unreachable dataset
+    is a recorded gap (`wikitext_skipped` with the reason), not a failed run: the training is done and must not be
+    lost."""
     from sparknet.evaluate import EVAL_DTYPE, evaluate_wikitext
-    from sparknet.model import load_exported
 
     if not cfg.eval.wikitext:
         return {"wikitext": [], "wikitext_skipped": "eval.wikitext is empty"}
-    model = load_exported(final, cfg.model).to(accelerator.device).eval()
 
     def logits_fn(ids):  # float32, no autocast: the dtype policy of sparknet.evaluate (EVAL_DTYPE)
         return model(ids).float()
@@ -428,31 +433,26 @@ def score_wikitext(cfg: RunConfig, final: Path, prepared, accelerator, tracker, 
     return {"wikitext": [r.to_dict() for r in results], "wikitext_skipped": ""}
 
 
-def score_downstream(cfg: RunConfig, run_dir: Path, final: Path, prepared, accelerator, tracker, step: int) -> dict:
-    """The final model on `eval.downstream` (report items, `eval.downstream_items` of each), recorded as MLflow
-    metrics `downstream/<task>/<metric>`, `downstream.json` and `downstream.md`; unreachable task data is a recorded
-    gap (`downstream_skipped`), as for WikiText-2: the training is done and must not be lost."""
-    from sparknet.downstream.evaluation import evaluate_tasks, mlflow_metrics, table
+def score_downstream(cfg: RunConfig, run_dir: Path, model, prepared, accelerator, tracker, step: int) -> dict:
+    """The final model (`sparknet.model.GPT`, eval mode) on `eval.downstream` (report items, `eval.downstream_items`
+    of each), recorded as MLflow metrics `downstream/<task>/<metric>`, `downstream.json` and `downstream.md`;
+    unreachable task data is a recorded gap (`downstream_skipped`), as for WikiText-2: the training is done and must
+    not be lost."""
+    from sparknet.downstream.evaluation import evaluate_configured, mlflow_metrics, table
     from sparknet.downstream.score import gpt_scoring_model
-    from sparknet.downstream.tasks import resolve_data
-    from sparknet.model import load_exported
 
     if not cfg.eval.downstream:
         return {"downstream": [], "downstream_skipped": "eval.downstream is empty"}
-    model = load_exported(final, cfg.model).to(accelerator.device).eval()
-    tok = prepared.tokenizer
-    scorer = gpt_scoring_model(model, tok, accelerator.device)
-    items = None if cfg.eval.downstream_items == "all" else cfg.eval.downstream_items
+    scorer = gpt_scoring_model(model, prepared.tokenizer, accelerator.device)
     try:
-        root = resolve_data(cfg.eval.downstream_path or None)
-        results = evaluate_tasks(scorer, cfg.eval.downstream, n_items=items, shots=cfg.eval.downstream_shots,
-                                 root=root, echo=lambda line: print(line, flush=True))
+        results = evaluate_configured(scorer, cfg.eval, cfg.eval.downstream, role="report",
+                                      echo=lambda line: print(line, flush=True))
     except SparknetError as exc:
         print(f"warning: downstream tasks not scored: {exc}", file=sys.stderr)
         tracker.set_tags({"sparknet.downstream_skipped": str(exc)[:5000]})
         return {"downstream": [], "downstream_skipped": str(exc)}
     tracker.log_metrics(mlflow_metrics(results), step)
-    tracker.set_tags({"sparknet.downstream_source": str(root) if root else "hub",
+    tracker.set_tags({"sparknet.downstream_source": results[0].source if results else "hub",
                       "sparknet.downstream_items": str(cfg.eval.downstream_items),
                       **{f"sparknet.downstream_caveat.{r.task}": r.caveat for r in results if r.caveat}})
     atomic.write_json(run_dir / "downstream.json", [r.to_dict() for r in results])

@@ -130,7 +130,7 @@ def _with_harness(load: str, args, root, device: str, loaded):
     import time
 
     from sparknet.downstream import harness
-    from sparknet.downstream.evaluation import TaskResult, items_sha256
+    from sparknet.downstream.evaluation import task_result
     from sparknet.downstream.metrics import score_items
     from sparknet.downstream.tasks import TASKS
 
@@ -145,10 +145,6 @@ def _with_harness(load: str, args, root, device: str, loaded):
         for t in loaded:
             flat = [(ll, g) for s in ran[t.name].samples for ll, g in zip(s.loglikelihoods, s.is_greedy)]
             scores = score_items(t.name, TASKS[t.name].kind, t.items, flat)
-            results.append(TaskResult(t.name, args.split, len(t.items), t.n_available, t.shots, scores.metrics,
-                                      scores.stderr, seconds / len(loaded), engine="lm-eval",
-                                      source=str(root) if root else "hub",
-                                      caveat=TASKS[t.name].caveat if root is not None else "",
-                                      items_sha256=items_sha256(t.items)))
+            results.append(task_result(t, args.split, scores, seconds / len(loaded), root, engine="lm-eval"))
             print(json.dumps({"task": t.name, "harness": ran[t.name].metrics}), file=sys.stderr)
     return results

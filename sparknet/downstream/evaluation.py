@@ -14,10 +14,10 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparknet.downstream.metrics import score_items
+from sparknet.downstream.metrics import TaskScores, score_items
 from sparknet.downstream.score import ScoringModel, score_pairs
 from sparknet.downstream.tasks import Item, load_items, subset, task_spec
 
@@ -39,17 +39,13 @@ class TaskResult:
     source: str = ""                  # the folder read, or "hub"
     caveat: str = ""
     items_sha256: str = ""            # of the items' positions: two results on the same items have the same one
-    per_item: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     @property
     def subset(self) -> bool:
         return self.n_items < self.n_available
 
-    def to_dict(self, per_item: bool = False) -> dict:
-        d = asdict(self)
-        if not per_item:
-            d.pop("per_item")
-        return d
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def items_sha256(items: Sequence[Item]) -> str:
@@ -87,18 +83,35 @@ def evaluate_tasks(model: ScoringModel, names: Sequence[str], *, role: str = "re
     is told each task's figures as they come."""
     results = []
     for task in loaded or load_task_items(names, role=role, n_items=n_items, shots=shots, root=root):
-        spec = task_spec(task.name)
         start = time.perf_counter()
         pairs = [p for it in task.items for p in it.pairs]
-        scores = score_items(task.name, spec.kind, task.items, score_pairs(model, pairs, max_batch_tokens))
-        result = TaskResult(task.name, role, len(task.items), task.n_available, task.shots, scores.metrics,
-                            scores.stderr, time.perf_counter() - start, source=str(root) if root else "hub",
-                            caveat=spec.caveat if root is not None else "", items_sha256=items_sha256(task.items),
-                            per_item=scores.per_item)
+        scores = score_items(task.name, task_spec(task.name).kind, task.items,
+                             score_pairs(model, pairs, max_batch_tokens))
+        result = task_result(task, role, scores, time.perf_counter() - start, root)
         results.append(result)
         if echo:
             echo(result_line(result))
     return results
+
+
+def task_result(task: TaskItems, role: str, scores: TaskScores, seconds: float, root: Path | None,
+                engine: str = "sparknet") -> TaskResult:
+    """The result of `task`'s items scored (by either engine), with what it was measured on."""
+    caveat = task_spec(task.name).caveat if root is not None else ""  # the hub's copy is the harness's own
+    return TaskResult(task.name, role, len(task.items), task.n_available, task.shots, scores.metrics, scores.stderr,
+                      seconds, engine=engine, source=str(root) if root else "hub", caveat=caveat,
+                      items_sha256=items_sha256(task.items))
+
+
+def evaluate_configured(model: ScoringModel, eval_cfg, names: Sequence[str], *, role: str,
+                        echo=None) -> list[TaskResult]:
+    """`evaluate_tasks` with a run's settings (`eval.downstream_items`, `_shots`, `_path`): what a run reports on
+    (role `report`) and what a `downstream` objective selects by (role `select`)."""
+    from sparknet.downstream.tasks import resolve_data
+
+    items = None if eval_cfg.downstream_items == "all" else eval_cfg.downstream_items
+    return evaluate_tasks(model, names, role=role, n_items=items, shots=eval_cfg.downstream_shots,
+                          root=resolve_data(eval_cfg.downstream_path or None), echo=echo)
 
 
 def _fmt(value: float, stderr: float | None) -> str:

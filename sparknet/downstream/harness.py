@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 from sparknet.downstream import tasks
-from sparknet.downstream.tasks import Item, TaskSpec
+from sparknet.downstream.tasks import Item
 from sparknet.errors import SparknetError
 
 PREFIX = "sparknet_"
@@ -200,32 +200,16 @@ def _mmlu_description(subject: str) -> str:
 # ------------------------------------------------------------------------------------------- items -> rows
 
 
-def _file_key(spec: TaskSpec, role: str) -> str:
-    if spec.halves:
-        return "halves"
-    return "report" if role == "full" else role
-
-
-def _read_role_rows(spec: TaskSpec, key: str, root: Path | None) -> list[dict]:
-    if root is None:
-        return tasks.hub_rows(spec, key)
-    return tasks.read_rows(root / spec.folder / spec.files[key])
-
-
 def item_rows(name: str, items: Sequence[Item], role: str, root: Path | None, shots: int = 0,
-              pool: Sequence[dict] = ()) -> list[dict]:
-    """The raw rows `items` (of task `name`, loaded for `role` from `root`) were built from, in item order. Each row
-    is checked to rebuild its item, so items of another role, folder or shot count are an error, not a silent
-    mismatch."""
+              pools: Mapping[str, Sequence[dict]] | None = None) -> list[dict]:
+    """The raw rows `items` (of task `name`, loaded for `role` from `root`; `pools`: the few-shot rows by subject,
+    `tasks.few_shot_pools`) were built from, in item order. Each row is checked to rebuild its item, so items of
+    another role, folder or shot count are an error, not a silent mismatch."""
     spec = tasks.task_spec(name)
-    if role not in tasks.ROLES:
-        raise SparknetError(f"downstream role {role!r} is not one of {', '.join(tasks.ROLES)} (fix: use one of them)")
-    key = _file_key(spec, role)
-    rows = _read_role_rows(spec, key, root)
+    key = tasks.file_key(spec, role)
+    rows = tasks.role_rows(spec, key, root)
     where = root / spec.folder / spec.files[key] if root is not None else f"{spec.hub[0]} ({spec.hub[2][key]})"
-    pools: dict[str, list[dict]] = {}
-    for row in pool:
-        pools.setdefault(row.get("subject", ""), []).append(row)
+    pools = pools or {}
     out = []
     for it in items:
         if it.task != name or not 0 <= it.index < len(rows):
@@ -266,9 +250,6 @@ def _shots_for(name: str, shots: Mapping[str, int] | None) -> int:
     n = spec.shots_default if not shots or name not in shots else int(shots[name])
     if n < 0:
         raise SparknetError(f"eval.downstream_shots: {n} shots for {name} (fix: 0 or more)")
-    if n and "pool" not in spec.files:
-        raise SparknetError(f"eval.downstream_shots: {name} has no few-shot pool (fix: 0 shots for {name}; only "
-                            f"mmlu takes shots)")
     return n
 
 
@@ -294,8 +275,8 @@ def write_task_configs(items_by_task: Mapping[str, Sequence[Item]], out_dir: Pat
         if not items:
             raise SparknetError(f"harness: no items for {name} (fix: drop {name} or give it items)")
         n_shots = _shots_for(name, shots)
-        pool = _read_role_rows(spec, "pool", root) if n_shots else []
-        rows = item_rows(name, items, role, root, n_shots, pool)
+        pools = tasks.few_shot_pools(spec, n_shots, root) if n_shots else {}
+        rows = item_rows(name, items, role, root, n_shots, pools)
         stock = stock_config(name)
         if name != "mmlu":
             data = _write_jsonl(out_dir / f"{PREFIX}{name}.jsonl", rows)
@@ -303,16 +284,16 @@ def write_task_configs(items_by_task: Mapping[str, Sequence[Item]], out_dir: Pat
                                                                       out_dir, n_shots))
             placed = [(PREFIX + name, pos) for pos in range(len(rows))]
         else:
-            placed = _write_mmlu(out_dir, stock, rows, pool, n_shots)
+            placed = _write_mmlu(out_dir, stock, rows, pools, n_shots)
         manifest = {"task": name, "role": role, "shots": n_shots,
                     "items": [[task, pos, it.index] for (task, pos), it in zip(placed, items, strict=True)]}
         _manifest_path(out_dir, name).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
     return out_dir
 
 
-def _write_mmlu(out_dir: Path, stock: dict, rows: Sequence[dict], pool: Sequence[dict],
+def _write_mmlu(out_dir: Path, stock: dict, rows: Sequence[dict], pools: Mapping[str, Sequence[dict]],
                 n_shots: int) -> list[tuple[str, int]]:
-    """One task per subject present, over that subject's rows (in item order) with its dev rows (the pool's, in file
+    """One task per subject present, over that subject's rows (in item order) with its dev rows (`pools`, in file
     order) as the few-shot split, and the group; returns each row's (task, position) in order."""
     by_subject: dict[str, list[dict]] = {}
     placed = []
@@ -322,7 +303,7 @@ def _write_mmlu(out_dir: Path, stock: dict, rows: Sequence[dict], pool: Sequence
         subject_rows.append(row)
     subtasks = []
     for subject in sorted(by_subject):
-        dev = [r for r in pool if r.get("subject") == subject]
+        dev = list(pools.get(subject, []))
         if len(dev) < n_shots:
             raise SparknetError(f"eval.downstream_shots: {n_shots} shots for mmlu, but its pool has {len(dev)} "
                                 f"items for {subject} (fix: at most {len(dev)})")

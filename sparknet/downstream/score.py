@@ -1,7 +1,8 @@
 """Our batched scorer: the log-likelihood of each (context, continuation) pair, as lm-evaluation-harness computes it
 for a causal model, in a fraction of its time.
 
-What is the harness's and kept exactly (tests/test_downstream_equality.py compares every number):
+What is the harness's and kept exactly (tests/test_downstream.py compares every log-likelihood with its HF model
+wrapper, tests/test_downstream_harness.py every figure with the harness run whole):
 - Tokens: trailing spaces of the context move to the continuation; the continuation's tokens are those of
   `encode(context + continuation)` after the first `len(encode(context))` (so a merge across the boundary is
   scored as the harness scores it); an empty context is the prefix token (BOS, else EOS) unless the
@@ -11,11 +12,13 @@ What is the harness's and kept exactly (tests/test_downstream_equality.py compar
   continuation token is the argmax.
 
 What is ours, and why it is faster:
-- Identical inputs are run once: every choice of a one-token answer (MMLU's " A".." D", BoolQ's " no"/" yes")
-  shares one input (the context), so MMLU costs one forward pass per question, not four.
-- Inputs are sorted by length and packed into batches by a token budget (the harness runs one request at a time
-  by default), right-padded: with causal attention a real position never sees padding, so padding changes no score.
-- Only the continuation's positions go through log_softmax.
+- The inputs of many requests share one row as a trie (`_rows`): a common prefix is computed once (an item's
+  context for its choices, TruthfulQA's primer, MMLU's five examples for the questions of a subject; identical
+  inputs, such as the contexts of one-token answers, are one path). Each token attends to its ancestors and sits at
+  its depth's position, so it sees exactly what it would see alone.
+- Rows are sorted by length and packed into batches by a token budget (the harness runs one request at a time by
+  default), right-padded: a real position never attends to padding.
+- Only the continuation's positions go through the output layer and the softmax.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class ScoringModel:
     # (ids [B, T], position ids [B, T] or None, mask [B, T, T] bool or None: None means causal) -> hidden [B, T, H]
     hidden_fn: Callable[..., torch.Tensor] | None = None
     head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None    # hidden [N, H] -> logits [N, V']
-    tree_mask: bool = False      # hidden_fn takes position ids and a mask: the choices of an item share one row
+    tree_mask: bool = False      # hidden_fn takes position ids and a mask: requests share rows as a trie
 
 
 def encode_pairs(pairs: Sequence[tuple[str, str]], encode: EncodeFn,
@@ -91,8 +94,8 @@ def _inputs(encoded: Sequence[tuple[list[int], list[int]]], n_positions: int) ->
             raise ValueError("an empty continuation cannot be scored")
         if len(cont_ids) > n_positions:  # the harness refuses these too (its assert)
             raise ValueError(f"a continuation of {len(cont_ids)} tokens does not fit the model's {n_positions}")
-        whole = (context_ids + cont_ids)[-(n_positions + 1):]
-        out.append((tuple(whole[:-1]), cont_ids[-len(whole):] if len(cont_ids) > len(whole) else cont_ids))
+        whole = (context_ids + cont_ids)[-(n_positions + 1):]  # the context is never empty: the whole holds the continuation
+        out.append((tuple(whole[:-1]), cont_ids))
     return out
 
 
@@ -100,9 +103,7 @@ def default_batch_tokens(model: ScoringModel) -> int:
     """Padded tokens per forward pass: enough to keep the device busy, few enough that a batch holds inputs of
     similar length (they are sorted; a wide batch pads its short rows to its longest) and that full logits, where
     the model gives only those, stay under LOGITS_BUDGET_ELEMENTS."""
-    import torch as _torch
-
-    want = 65536 if _torch.device(model.device).type == "cuda" else 4096
+    want = 65536 if torch.device(model.device).type == "cuda" else 4096
     if model.hidden_fn is None:
         want = min(want, LOGITS_BUDGET_ELEMENTS // max(model.vocab_size, 1))
     return max(model.n_positions, want)

@@ -261,13 +261,23 @@ def check_data(names: Sequence[str], configured: str | os.PathLike[str] | None =
                 raise SparknetError(f"{path}: downstream task file for {name} is missing (fix: copy the {spec.folder} "
                                     f"folder there, or drop {name} from eval.downstream)")
         if shots and "pool" in spec.files:
-            pools: dict[str, int] = defaultdict(int)
-            for row in read_rows(root / spec.folder / spec.files["pool"]):
-                pools[row.get("subject", "")] += 1
-            if min(pools.values()) < shots:
-                raise SparknetError(f"eval.downstream_shots: {shots} shots for {name}, but its pool has "
-                                    f"{min(pools.values())} items per subject (fix: at most {min(pools.values())})")
+            few_shot_pools(spec, shots, root)
     return ""
+
+
+def few_shot_pools(spec: TaskSpec, shots: int, root: Path | None) -> dict[str, list[dict]]:
+    """The task's few-shot pool by subject (MMLU: its dev rows), checked to hold `shots` examples in each."""
+    if "pool" not in spec.files:
+        raise SparknetError(f"eval.downstream_shots: {spec.name} has no few-shot pool (fix: 0 shots for {spec.name}; "
+                            f"only mmlu takes shots)")
+    pools: dict[str, list[dict]] = {}
+    for row in role_rows(spec, "pool", root):
+        pools.setdefault(row.get("subject", ""), []).append(row)
+    smallest = min(len(p) for p in pools.values())
+    if shots > smallest:
+        raise SparknetError(f"eval.downstream_shots: {shots} shots for {spec.name}, but its pool has {smallest} items "
+                            f"per subject (fix: at most {smallest})")
+    return pools
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -324,7 +334,19 @@ def hub_rows(spec: TaskSpec, role_file: str) -> list[dict]:
     return rows
 
 
-def _rows(spec: TaskSpec, which: str, root: Path | None) -> list[dict]:
+def file_key(spec: TaskSpec, role: str) -> str:
+    """Which of the task's files a role reads (`spec.files` key): the one file split into halves, or for two-file
+    tasks the test file (report, and `full`: the split the harness and the model cards report) or the validation
+    file (select)."""
+    if role not in ROLES:
+        raise SparknetError(f"downstream role {role!r} is not one of {', '.join(ROLES)} (fix: use one of them)")
+    if spec.halves:
+        return "halves"
+    return "report" if role == "full" else role
+
+
+def role_rows(spec: TaskSpec, which: str, root: Path | None) -> list[dict]:
+    """The rows of the task's file `which` (a `spec.files` key) from `root`, or from the hub when `root` is None."""
     if root is None:
         return hub_rows(spec, which)
     return read_rows(root / spec.folder / spec.files[which])
@@ -372,26 +394,11 @@ def load_items(name: str, role: str = "report", n_items: int | None = None, shot
     stratified subset), from the folder `root` (None: the hub). `shots`: few-shot examples (MMLU: from the dev
     pool of the item's subject; default the task's own)."""
     spec = task_spec(name)
-    if role not in ROLES:
-        raise SparknetError(f"downstream role {role!r} is not one of {', '.join(ROLES)} (fix: use one of them)")
+    key = file_key(spec, role)
     shots = spec.shots_default if shots is None else shots
-    pools: dict[str, list[dict]] = {}
-    if shots:
-        if "pool" not in spec.files:
-            raise SparknetError(f"eval.downstream_shots: {name} has no few-shot pool (fix: 0 shots for {name}; "
-                                f"only mmlu takes shots)")
-        for row in _rows(spec, "pool", root):
-            pools.setdefault(row.get("subject", ""), []).append(row)
-        smallest = min(len(p) for p in pools.values())
-        if shots > smallest:
-            raise SparknetError(f"eval.downstream_shots: {shots} shots for {name}, but its pool has {smallest} items "
-                                f"per subject (fix: at most {smallest})")
-    if spec.halves:
-        rows = list(enumerate(_rows(spec, "halves", root)))
-    else:  # two files: `full` is the test file, the split the harness and the model cards report
-        rows = list(enumerate(_rows(spec, "report" if role == "full" else role, root)))
+    pools = few_shot_pools(spec, shots, root) if shots else {}
     items = []
-    for i, row in rows:
+    for i, row in enumerate(role_rows(spec, key, root)):
         try:
             pool = pools.get(row.get("subject", ""), [])[:shots] if shots else []
             items.append(spec.build(row, i, pool))
