@@ -634,3 +634,24 @@ def _probe_step(cfg, vocab: int, micro_batch: int, device, autocast) -> bool:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the probe's blocks back, so the run's allocator starts clean
     return ok
+
+
+def check_scoring_device(text: str, flag: str = "--device") -> None:
+    """A `--device` for scoring (compare --evaluate, evaluate downstream) that exists here: cpu, a CUDA device this
+    machine has, or MPS where it is available; else one line with the fix, before any model is loaded."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise SparknetError(f"{flag} {text!r}: not a device torch knows (fix: {flag} cpu or {flag} cuda, or leave it "
+                            f"out)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SparknetError(f"{flag} {text!r}: sparknet scores on cpu, cuda or mps (fix: {flag} cpu)")
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= gpus):
+        have = f"{gpus} CUDA device(s)" if torch.cuda.is_available() else f"no CUDA device (torch {torch.__version__})"
+        raise SparknetError(f"{flag} {text!r}: this machine has {have} (fix: {flag} cpu, or leave it out to use a GPU "
+                            f"when there is one)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SparknetError(f"{flag} {text!r}: MPS is not available here (fix: {flag} cpu)")

@@ -184,6 +184,10 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
      ["boolq/validation.jsonl:2", "not a JSON line"]),
     ("evaluate-data", "evaluate", ["downstream", "gpt2", "--data", "{tmp}/nowhere"], ["--data", "does not exist"]),
     ("evaluate-offline", "evaluate", ["downstream", "gpt2", "--tasks", "piqa"], ["hub is offline"]),
+    ("evaluate-device", "evaluate", ["downstream", "gpt2", "--tasks", "piqa", "--data", "{tmp}/ds", "--device", "tpu"],
+     ["--device 'tpu'", "cpu, cuda or mps"]),
+    ("evaluate-device-gpu", "evaluate", ["downstream", "gpt2", "--tasks", "piqa", "--data", "{tmp}/ds", "--device",
+                                         "cuda:7"], ["--device 'cuda:7'", "this machine has"]),
 ]
 
 # Run as real processes too (`python -m sparknet.X`): the entry points wrap main the same way.

@@ -18,6 +18,7 @@ from sparknet.compare.options import CompareOptions
 from sparknet.compare.render import terminal_width, to_text, to_text_wide
 from sparknet.compare.runs import TRIALS_ALL, TRIALS_BEST, TRIALS_NONE
 from sparknet.compare.table import KIND_BASELINE
+from sparknet.device import check_scoring_device
 from sparknet.errors import ArgumentParser, SparknetError, cli_main
 from sparknet.evaluate import DEFAULT_PROTOCOLS, EVAL_DTYPE, WIKITEXT_ENV, find_local_file
 from sparknet.hub import hub_unreachable
@@ -39,23 +40,8 @@ def check_evaluate_inputs(opts: CompareOptions, args) -> None:
     """What `--evaluate` will need, checked before any model is loaded: a device that exists here, a local WikiText-2
     copy that holds both splits when one is named, and every extra baseline that is meant as a folder present.
     Without this a typo ends, minutes later, in a table whose every row has a note and exit 0."""
-    import torch
-
     if opts.device:
-        try:
-            dev = torch.device(opts.device)
-        except (RuntimeError, ValueError):
-            raise SparknetError(f"--device {opts.device!r}: not a device torch knows (fix: --device cpu or --device "
-                                f"cuda, or leave it out)") from None
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise SparknetError(f"--device {opts.device!r}: sparknet scores on cpu, cuda or mps (fix: --device cpu)")
-        gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
-        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= gpus):
-            have = f"{gpus} CUDA device(s)" if torch.cuda.is_available() else f"no CUDA device (torch {torch.__version__})"
-            raise SparknetError(f"--device {opts.device!r}: this machine has {have} (fix: --device cpu, or leave it "
-                                f"out to use a GPU when there is one)")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise SparknetError(f"--device {opts.device!r}: MPS is not available here (fix: --device cpu)")
+        check_scoring_device(opts.device)
     local = opts.wikitext or os.environ.get(WIKITEXT_ENV)
     if local:
         where = "--wikitext" if opts.wikitext else WIKITEXT_ENV

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     load, kind = resolve_model(args.model)
     root = resolve_data(args.data, field="--data")
     check_data(args.tasks, args.data, args.shots if "mmlu" in args.tasks else 0)
+    if args.device:
+        from sparknet.device import check_scoring_device
+
+        check_scoring_device(args.device)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise SparknetError(f"--out {out}: is a folder (fix: a file name such as downstream.json)")
