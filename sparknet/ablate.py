@@ -3,7 +3,7 @@
     python -m sparknet.ablate MIXTURE.yaml --design DESIGN [--proxy-tokens 20M] [--objective wikitext-valid]
            [--study NAME] [--storage URL] [--out DIR] [--seeds K] [--confirm] [--stage I] [key=value ...]
 
-DESIGN (sparknet.mixfit.design_points) is `leave-one-out`, `single-source`, `grid:STEP`, `random:N` (seeded
+DESIGN (sparknet.designs.design_points) is `leave-one-out`, `single-source`, `grid:STEP`, `random:N` (seeded
 Dirichlet draws, as RegMix) or a YAML file of weight vectors. An ablation is a kind of study
 (`sparknet.study.StudyKind`), as a sweep is: the points x seeds are enqueued in an Optuna study with fixed
 parameters (point index, model seed `train.seed`, the weights), so several workers on one storage (PostgreSQL for
@@ -44,8 +44,8 @@ import numpy as np
 
 from sparknet.ablate_report import key_of, weights_text, write_ablation_summary
 from sparknet.config import RunConfig, load_config
+from sparknet.designs import Point, design_points
 from sparknet.errors import SparknetError, cli_main
-from sparknet.mixfit import Point, design_points
 from sparknet.objective import WIKITEXT_VALID, Objective
 from sparknet.study import Confirmation, StudyKind, Summary, parse_budget, study_parser, study_settings
 from sparknet.study_storage import enqueue, finished_trials, fixed_sampler_and_no_pruner, tell

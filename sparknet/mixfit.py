@@ -1,11 +1,4 @@
-"""Mixture designs (which weight vectors to train) and a fitted model of the objective against the weights.
-
-Designs over a mixture's sources, each a list of labelled weight vectors on the simplex:
-- `leave-one-out`: the base mixture, then each source removed and the others renormalized;
-- `single-source`: each source alone;
-- `grid:STEP`: every vector of the simplex lattice with that step (0.25 over 3 sources: 15 points);
-- `random:N`: N seeded Dirichlet(1) draws, uniform over the simplex, as RegMix samples its small runs;
-- a YAML file: `points: [{name: ..., weights: {source: w, ...}}, ...]` (weights summing to 1).
+"""A fitted model of an ablation's objective against the mixture weights (the designs are `sparknet.designs`).
 
 The fitted model. Two well-kept regressors from scikit-learn, chosen per study by cross-validated rank
 correlation on held-out design points (what matters is ranking mixtures, not the absolute loss):
@@ -22,146 +15,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
-
-from sparknet.errors import SparknetError
 
 # A fit is trusted when held-out rank correlation reaches this, over at least MIN_POINTS points.
 TRUSTED_SPEARMAN = 0.7
 MIN_POINTS = 5
-
-
-@dataclass(frozen=True)
-class Point:
-    name: str
-    weights: tuple[float, ...]  # per source, in the mixture's source order; sums to 1
-
-
-def _normalized(w: np.ndarray) -> tuple[float, ...]:
-    return tuple(float(x) for x in w / w.sum())
-
-
-def _label(names: tuple[str, ...], w: tuple[float, ...]) -> str:
-    return " ".join(f"{n}{round(x * 100)}" for n, x in zip(names, w) if x > 0)
-
-
-MAX_POINTS = 10_000  # a design's points are training runs: more is a typo, not a study
-
-
-def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], *, seed: int = 0,
-                  where: str = "--design") -> list[Point]:
-    """The points of `design` over sources `names` with base weights `base`; SparknetError for a bad design."""
-    n = len(names)
-    b = np.asarray(base, dtype=np.float64)
-    if n < 2:
-        raise SparknetError(f"{where}: the mixture has one source; a mixture ablation needs at least two "
-                            f"(fix: add sources to the mixture)")
-    if design == "leave-one-out":
-        pts = [Point("base", _normalized(b))]
-        for i, name in enumerate(names):
-            if b[i] <= 0:
-                continue  # removing a source the base does not use changes nothing
-            w = b.copy()
-            w[i] = 0.0
-            if w.sum() <= 0:
-                raise SparknetError(f"{where}: leave-one-out: removing {name} leaves no source with weight "
-                                    f"(fix: give at least two sources a weight)")
-            pts.append(Point(f"without {name}", _normalized(w)))
-        return pts
-    if design == "single-source":
-        return [Point(f"only {name}", tuple(float(i == j) for j in range(n))) for i, name in enumerate(names)]
-    if design.startswith("grid:"):
-        text = design.split(":", 1)[1]
-        try:
-            step = Fraction(text).limit_denominator(10_000)
-        except (ValueError, ZeroDivisionError):
-            raise SparknetError(f"{where}: {design!r}: the step is not a number (fix: e.g. grid:0.25)") from None
-        if not 0 < step <= 1:
-            raise SparknetError(f"{where}: {design!r}: the step must be in (0, 1], got {text} (fix: e.g. grid:0.25)")
-        k = 1 / step
-        if k.denominator != 1 or abs(float(step) - float(Fraction(text))) > 1e-9:
-            raise SparknetError(f"{where}: {design!r}: the step {text} does not divide 1 (fix: a step such as 0.5, "
-                                f"0.25, 0.2 or 0.1)")
-        k = int(k)
-        count = math.comb(k + n - 1, n - 1)
-        if count > MAX_POINTS:
-            raise SparknetError(f"{where}: {design!r}: {count:,} points over {n} sources (fix: a coarser step)")
-        pts = [Point(_label(names, w), w) for w in (tuple(c / k for c in combo) for combo in _compositions(k, n))]
-        return sorted(pts, key=lambda p: tuple(-x for x in p.weights))
-    if design.startswith("random:"):
-        text = design.split(":", 1)[1]
-        if not text.isdigit() or int(text) < 1:
-            raise SparknetError(f"{where}: {design!r}: expected random:N with N >= 1 (fix: e.g. random:32)")
-        if int(text) > MAX_POINTS:
-            raise SparknetError(f"{where}: {design!r}: more than {MAX_POINTS:,} points, each a training run (fix: "
-                                f"random:32 to random:256 is a night's study)")
-        rng = np.random.default_rng([seed, 0x6D6978])  # "mix": the design's own stream
-        draws = rng.dirichlet(np.ones(n), size=int(text))
-        return [Point(f"random {i}", _normalized(w)) for i, w in enumerate(draws)]
-    path = Path(design)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return _points_from_file(path, names)
-    raise SparknetError(f"{where}: unknown design {design!r} (fix: leave-one-out, single-source, grid:STEP, "
-                        f"random:N, or a YAML file of weight vectors)")
-
-
-def _compositions(total: int, parts: int):
-    """Every way to write `total` as `parts` non-negative integers, in lexicographic order: only the grid's points
-    are visited (a walk over every (total + 1) ** parts tuple takes minutes for 10 sources)."""
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total + 1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
-
-
-def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
-    from sparknet.config import read_yaml
-
-    if not path.is_file():
-        raise SparknetError(f"{path}: design file not found (fix: pass an existing YAML file)")
-    raw = read_yaml(path)
-    items = raw.get("points") if isinstance(raw, dict) else raw
-    if not isinstance(items, list) or not items:
-        raise SparknetError(f"{path}: points: expected a non-empty list of {{name, weights}} (fix: see "
-                            f"experiments/README.md)")
-    pts = []
-    for i, item in enumerate(items):
-        at = f"{path}: points[{i}]"
-        weights = item.get("weights") if isinstance(item, dict) and "weights" in item else item
-        if isinstance(item, dict) and "name" in item and "weights" not in item:
-            weights = None  # {name: ...} alone: the short form {source: weight} has no `name`
-        if not isinstance(weights, dict) or not weights:
-            raise SparknetError(f"{at}: has no weights (fix: give it weights: {{source: weight, ...}} over "
-                                f"{', '.join(names)})")
-        for key, v in weights.items():
-            if key not in names:
-                raise SparknetError(f"{at}.weights.{key}: no source named {key!r} (fix: use one of "
-                                    f"{', '.join(names)})")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise SparknetError(f"{at}.weights.{key}: must be a number >= 0, got {v!r} (fix: e.g. 0.25)")
-        w = np.array([float(weights.get(n, 0.0)) for n in names])
-        if abs(w.sum() - 1.0) > 1e-6:
-            raise SparknetError(f"{at}.weights: sum to {w.sum():g}, not 1 (fix: make them sum to 1; sources not "
-                                f"listed count as 0)")
-        name = str(item.get("name")) if isinstance(item, dict) and item.get("name") else _label(names, tuple(w))
-        point = Point(name, _normalized(w))
-        twin = next((j for j, p in enumerate(pts) if np.allclose(p.weights, point.weights, atol=1e-9)), None)
-        if twin is not None:  # the same mixture twice would count as two points of the fit; seeds repeat a point
-            raise SparknetError(f"{at}.weights: the same mixture as points[{twin}] (fix: list each mixture once; "
-                                f"--seeds K repeats every point with K model seeds)")
-        if any(p.name == name for p in pts):
-            raise SparknetError(f"{at}.name: {name!r} is used twice (fix: give each point its own name)")
-        pts.append(point)
-    return pts
-
-
-# ---------------------------------------------------------------------------------------------
-# The fitted model
 
 
 def spearman(a, b) -> float:

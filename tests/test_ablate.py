@@ -345,7 +345,7 @@ def test_a_source_too_small_for_a_point_fails_naming_the_point_before_any_run(la
 def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, capsys):
     from sparknet.ablate import Ablation, base_weights
     from sparknet.config import load_config
-    from sparknet.mixfit import design_points
+    from sparknet.designs import design_points
     from sparknet.objective import Objective
 
     staged = tmp_path / "staged.yaml"
@@ -389,8 +389,8 @@ def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tm
     import sparknet.run
     from sparknet.ablate import Ablation
     from sparknet.config import load_config
+    from sparknet.designs import design_points
     from sparknet.locks import run_lock
-    from sparknet.mixfit import design_points
     from sparknet.objective import Objective
     from sparknet.run import run_dir_for
 
@@ -431,7 +431,7 @@ def test_findings_say_what_the_table_says():
 
     from sparknet.ablate import Ablation
     from sparknet.ablate_report import findings
-    from sparknet.mixfit import design_points
+    from sparknet.designs import design_points
     from sparknet.objective import Objective
 
     names = ("finepdfs", "dclm", "edu")
@@ -479,7 +479,7 @@ def test_a_worker_killed_mid_study_and_a_rerun_finish_exactly_the_planned_points
     failed = next(t for t in study.trials if t.state.name == "FAIL")
     retry = next(t for t in complete if "failed_trial" in t.system_attrs)
     assert retry.system_attrs["failed_trial"] == failed.number and keys([retry]) == keys([failed])
-    from sparknet.mixfit import design_points
+    from sparknet.designs import design_points
 
     want = design_points("random:3", NAMES, (0.4, 0.3, 0.3))
     for t in complete:  # the study ran the design's points, with their weights
