@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -148,7 +149,9 @@ def _rows(requests: Sequence[tuple[tuple[int, ...], list[int]]], max_row_tokens:
                     break
                 path.append(nxt)
                 parent = nxt
-            if len(row.tokens) + len(inp) - len(path) > max_row_tokens:
+            # A request that shares less than a quarter of its input with the row starts its own: side by side in one row, unrelated inputs
+            # would save nothing and make every token's attention (a dense masked one) span both.
+            if len(path) * 4 < len(inp) or len(row.tokens) + len(inp) - len(path) > max_row_tokens:
                 row = None
         if row is None:
             row, index, path, parent = _Row([], [], [], {}), {}, [], -1
@@ -225,17 +228,22 @@ def loglikelihoods(model: ScoringModel, encoded: Sequence[tuple[list[int], list[
 
 def _tree_mask(batch: Sequence[_Row], width: int) -> torch.Tensor:
     """[B, T, T] bool, True where token i may attend to j: j is i itself or one of its ancestors. Padding attends to
-    itself only, so no row of the softmax is empty."""
-    mask = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    itself only, so no row of the softmax is empty.
+
+    A trie row is a few long chains (a context, then each choice), so the mask is built a chain at a time: the
+    chain's tokens see what its first token's parent sees, plus the chain up to themselves."""
+    mask = np.zeros((len(batch), width, width), dtype=bool)
     for b, row in enumerate(batch):
-        m = mask[b]
-        for i, p in enumerate(row.parents):  # parents come first: a token's row is its parent's, plus itself
-            if p >= 0:
-                m[i] = m[p]
-            m[i, i] = True
-        for i in range(len(row.parents), width):
-            m[i, i] = True
-    return mask
+        m, parents = mask[b], np.asarray(row.parents)
+        begins = (parents != np.arange(len(parents)) - 1) | (parents < 0)  # where a chain begins: a root or a branch
+        starts = np.flatnonzero(begins)
+        for s, e in zip(starts, [*starts[1:], len(parents)]):
+            if parents[s] >= 0:
+                m[s:e] = m[parents[s]]
+            m[s:e, s:e] |= np.tri(e - s, dtype=bool)
+        idx = np.arange(len(parents), width)
+        m[idx, idx] = True
+    return torch.from_numpy(mask)
 
 
 def score_pairs(model: ScoringModel, pairs: Sequence[tuple[str, str]],
