@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from sparknet.ablate_effects import effects_frame, effects_markdown
+from sparknet.ablate_stats import Difference, fmt_p, holm, noise_note, significant, summarize, welch_from_stats
 from sparknet.config import load_config, to_dict
 from sparknet.errors import SparknetError
 from sparknet.mixfit import Fit, fit_objective, spearman
@@ -79,87 +80,243 @@ def results_frame(abl, study):
 
 def points_frame(abl, runs):
     """One row per design point: its weights, realized tokens, the mean held-out losses and the objective's mean
-    and standard deviation over the seeds, sorted by the mean objective."""
+    and standard deviation over the seeds that finished, how many finished (`seeds`) and how many failed or
+    diverged (`failed`: not in the means, never dropped silently), sorted by the mean objective.
+
+    The frame's `attrs` keep what the sentences need beyond the table (they follow the frame through dropna and
+    sorting): "seed_values", {mixture: {column: finished seeds' values}} for the objective and every held-out loss,
+    and "failed_seeds", {mixture: {"seeds": finished, "failed": count, "notes": ["seed S diverged: reason", ...]}}
+    for every point with a failed or diverged seed (a point none of whose seeds finished included)."""
     import pandas as pd
 
     metric = abl.objective.metric
-    rows = []
+    cols = list(dict.fromkeys([metric, "val/loss", *(f"val/loss/{n}" for n in abl.names)]))
+    rows, seed_values, failed_seeds = [], {}, {}
     for point, g in runs.groupby("point", sort=True):
-        values = g[metric].dropna().to_numpy(dtype=float)
-        row = {"point": int(point), "mixture": g["mixture"].iloc[0]}
+        done = g[g[metric].notna() & (g["state"] == "COMPLETE" if "state" in g else True)]
+        bad = g.drop(index=done.index)
+        values = done[metric].to_numpy(dtype=float)
+        name = g["mixture"].iloc[0]
+        row = {"point": int(point), "mixture": name}
         row |= {f"weight.{n}": float(g[f"weight.{n}"].iloc[0]) for n in abl.names}
         # Identical over seeds (the plan does not depend on train.seed): the first run's count stands for all.
         row |= {f"tokens.{n}": g[f"tokens.{n}"].iloc[0] for n in abl.names}
-        row |= {f"val/loss/{n}": float(g[f"val/loss/{n}"].mean()) for n in abl.names}
+        row |= {f"val/loss/{n}": float(done[f"val/loss/{n}"].mean()) for n in abl.names}
         if metric != "val/loss":
-            row["val/loss"] = float(g["val/loss"].mean())
+            row["val/loss"] = float(done["val/loss"].mean())
         row[metric] = float(values.mean()) if len(values) else math.nan
         row["sd"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         row["seeds"] = len(values)
+        row["failed"] = len(bad)
         rows.append(row)
+        seed_values[name] = {c: tuple(float(v) for v in done[c]) for c in cols if c in done}
+        if len(bad):
+            notes = []
+            for _, r in bad.sort_values("seed").iterrows():
+                state = str(r.get("state", ""))
+                what = {"PRUNED": "diverged", "FAIL": "failed"}.get(state, f"has no {metric}")
+                note = str(r.get("note") or "").strip()
+                notes.append(f"seed {r['seed']} {what}" + (f": {note}" if note else ""))
+            failed_seeds[name] = {"seeds": len(values), "failed": len(bad), "notes": notes}
     df = pd.DataFrame(rows)
-    return df.sort_values([metric, "point"], na_position="last").reset_index(drop=True) if len(df) else df
+    if len(df):
+        df = df.sort_values([metric, "point"], na_position="last").reset_index(drop=True)
+    df.attrs["seed_values"] = Kept(seed_values)
+    df.attrs["failed_seeds"] = Kept(failed_seeds)
+    return df
+
+
+class Kept(dict):
+    """What `points_frame` keeps in a frame's attrs: read, never changed, so pandas's copy of the attrs on every
+    operation (a deep copy) hands on this one object instead of copying every seed's value each time."""
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def _change(delta: float) -> str:
     return "raised" if delta > 0 else "lowered" if delta < 0 else "left"
 
 
+SEED_VARY = {  # what differs between a point's seeds (`abl.seed_vary`), as the spread sentence says it
+    "init": "model initialization only (the data order is the same for every seed, so data-order noise is in neither "
+            "this spread nor the tests)",
+    "data": "the data order only (the initialization is the same for every seed, so initialization noise is in "
+            "neither this spread nor the tests)",
+    "both": "both model initialization and data order",
+}
+
+
+def _side(pts, row, col: str, metric: str) -> tuple[float, float, int]:
+    """(mean, sd, finished seeds) of one point's column: from the seeds' values `points_frame` kept, else (a frame
+    built by hand) the table's own columns, which give a spread for the objective only."""
+    values = pts.attrs.get("seed_values", {}).get(row["mixture"], {}).get(col)
+    if values is not None:
+        return summarize(values)
+    n = int(row["seeds"]) if "seeds" in row and row["seeds"] == row["seeds"] else 1
+    sd = float(row["sd"]) if col == metric and "sd" in row else math.nan
+    return float(row[col]), sd, n
+
+
+def _diff(pts, a, b, col: str, metric: str) -> Difference:
+    """Point a's column minus point b's, over their seeds (Welch)."""
+    return welch_from_stats(*_side(pts, a, col, metric), *_side(pts, b, col, metric))
+
+
+def _kind(d: Difference, q: float) -> str:
+    return "claim" if significant(q) else "null" if d.measured else "unmeasured"
+
+
+def _numbers(d: Difference, q: float, digits: int, unit: str, names: tuple[str, str] = ("", ""),
+             means: str = "") -> str:
+    """The parenthesis after a difference's sentence: for a claim the means, its interval in the claimed direction and
+    Holm p; inside noise the signed difference, interval, Holm p and the means; without a spread the means and why
+    (the sentence itself gives the signed difference)."""
+    kind = _kind(d, q)
+    lead = f"{means}; " if means else ""
+    if kind == "claim":
+        lo, hi = (d.low, d.high) if d.estimate > 0 else (-d.high, -d.low)
+        return f"{lead}95% CI {lo:.{digits}f}..{hi:.{digits}f}, Holm p {fmt_p(q)}"
+    if kind == "null":
+        return (f"{d.estimate:+.{digits}f} {unit}, 95% CI {d.low:+.{digits}f}..{d.high:+.{digits}f}, "
+                f"Holm p {fmt_p(q)}" + (f"; {means}" if means else ""))
+    return f"{lead}{noise_note(d, *names)}, so not tested"
+
+
+def point_pairs(abl, pts) -> tuple[dict[tuple[int, int], Difference], dict[tuple[int, int], float], int]:
+    """Every pair (i, j), i < j, of the measured points (rows of `pts`, best first): row j's objective minus row
+    i's over their seeds, and Holm's adjusted p over the family of all pairs with a spread on both sides (the best,
+    runner-up and worst are picked after looking at every point, so every pair is a comparison made). Returns the
+    differences, the adjusted p-values and the family's size."""
+    metric = abl.objective.metric
+    sides = [_side(pts, r, metric, metric) for r in pts.to_dict("records")]
+    diffs = {(i, j): welch_from_stats(*sides[j], *sides[i]) for i in range(len(sides)) for j in range(i + 1, len(sides))}
+    keys = list(diffs)
+    adjusted = holm([diffs[k].p for k in keys])
+    return diffs, dict(zip(keys, (float(q) for q in adjusted))), int(np.isfinite(adjusted).sum())
+
+
+def _seed_notes(abl, pts) -> list[str]:
+    """Failed or diverged seeds (not in the means), and points with fewer than two finished seeds (no spread)."""
+    out = []
+    failed = pts.attrs.get("failed_seeds")
+    if failed is None and "failed" in pts:  # a frame built by hand: its counts only
+        failed = {r["mixture"]: {"seeds": int(r["seeds"]), "failed": int(r["failed"]), "notes": []}
+                  for _, r in pts.iterrows() if r["failed"] > 0}
+    if failed:
+        parts = []
+        for name, f in failed.items():
+            total = f["seeds"] + f["failed"]
+            parts.append(f"{name}, {f['failed']} of {total}" + (", none finished: no result" if not f["seeds"] else "")
+                         + (f" ({'; '.join(f['notes'])})" if f["notes"] else ""))
+        out.append(f"Failed or diverged seeds, left out of the means and the tests: {'; '.join(parts)}.")
+    if "seeds" in pts and (pts["seeds"] > 1).any():
+        short = [f"{r['mixture']} ({int(r['seeds'])} seed)" for _, r in pts.iterrows() if r["seeds"] < 2]
+        if short:
+            out.append(f"Fewer than two finished seeds, so no spread measured and no test made with: "
+                       f"{', '.join(short)}.")
+    return out
+
+
 def findings(abl, pts) -> list[str]:
-    """What the table says, in plain sentences (numbers from the table, nothing else)."""
+    """What the table says, in plain sentences: every difference stated with its 95% confidence interval over the
+    seeds (Welch) and a Holm-corrected p-value, claimed ("raised", "beats", "needs most") only when that p is below
+    0.05, else said to be inside seed noise; a point with one finished seed gives its difference untested. The
+    family each correction runs over is stated in the sentences. `pts` is `points_frame`'s (a point without a result
+    is skipped but for the failed-seeds sentence)."""
     metric, unit = abl.objective.metric, abl.objective.unit
-    m = pts.set_index("mixture")
+    pts = pts[pts[metric].notna()]  # a point none of whose seeds finished: in the failed-seeds sentence only
+    m = pts.set_index("mixture", drop=False)
     sds = pts["sd"].dropna()
     noise = float(sds.median()) if len(sds) else None
     out = []
 
-    def versus_noise(delta: float) -> str:
-        if noise is None or noise == 0:
-            return ""
-        ratio = abs(delta) / noise
-        return (f" ({ratio:.0f}x the spread between seeds)" if ratio >= 2 else
-                " (within the spread between seeds: not told apart from noise)")
-
     if abl.design == LOO and "base" in m.index:
         base = m.loc["base"]
-        effects = {}
-        for n in abl.names:
-            name = f"without {n}"
-            if name not in m.index:
-                continue
-            row = m.loc[name]
-            d_own = row[f"val/loss/{n}"] - base[f"val/loss/{n}"]
-            d_obj = row[metric] - base[metric]
-            effects[n] = d_obj
-            own = (f"{_change(d_own)} val/{n} by {abs(d_own):.2f} nats/token ({base[f'val/loss/{n}']:.3f} -> "
-                   f"{row[f'val/loss/{n}']:.3f})")
-            if metric == f"val/loss/{n}":
-                out.append(f"Removing {n} {own}{versus_noise(d_obj)}.")
+        removed = [n for n in abl.names if f"without {n}" in m.index]
+        family: dict[tuple[str, str], Difference] = {}  # the comparisons these sentences state
+        for n in removed:
+            row = m.loc[f"without {n}"]
+            family["objective", n] = _diff(pts, row, base, metric, metric)
+            if metric != f"val/loss/{n}":
+                family["own", n] = _diff(pts, row, base, f"val/loss/{n}", metric)
+        effect = {n: family["objective", n] for n in removed}
+        ranked = sorted((n for n in removed if not math.isnan(effect[n].estimate)), key=lambda n: -effect[n].estimate)
+        if len(ranked) > 1:  # the largest removal effect against the next: the two removals' seeds compared
+            family["gap", ""] = _diff(pts, m.loc[f"without {ranked[0]}"], m.loc[f"without {ranked[1]}"], metric,
+                                      metric)
+        q = dict(zip(family, (float(x) for x in holm([d.p for d in family.values()]))))
+        size = sum(d.measured for d in family.values())
+        for n in removed:
+            row = m.loc[f"without {n}"]
+            d, qd, names = family["objective", n], q["objective", n], (f"without {n}", "base")
+            nums = _numbers(d, qd, 4, unit, names, f"{base[metric]:.4f} -> {row[metric]:.4f}")
+            text = {"claim": f"Removing {n} {_change(d.estimate)} {metric} by {abs(d.estimate):.4f} {unit} ({nums})",
+                    "null": f"Removing {n}: no effect on {metric} distinguishable from seed noise ({nums})",
+                    "unmeasured": f"Removing {n} changed {metric} by {d.estimate:+.4f} {unit} ({nums})"}[_kind(d, qd)]
+            if ("own", n) in family:
+                col = f"val/loss/{n}"
+                d, qd = family["own", n], q["own", n]
+                nums = _numbers(d, qd, 3, "nats/token", names, f"{base[col]:.3f} -> {row[col]:.3f}")
+                text += "; its own held-out loss " + {
+                    "claim": f"val/{n} {'rose' if d.estimate > 0 else 'fell'} by {abs(d.estimate):.3f} nats/token "
+                             f"({nums})",
+                    "null": f"val/{n}: no change distinguishable from seed noise ({nums})",
+                    "unmeasured": f"val/{n} changed by {d.estimate:+.3f} nats/token ({nums})"}[_kind(d, qd)]
+            out.append(text + ".")
+        if ("gap", "") in family:
+            top, nxt = ranked[0], ranked[1]
+            gap, qg = family["gap", ""], q["gap", ""]
+            both = (f"removing {top} {effect[top].estimate:+.4f} {unit}, removing {nxt} {effect[nxt].estimate:+.4f} "
+                    f"{unit}")
+            top_counts = _kind(effect[top], q["objective", top]) == "claim" and effect[top].estimate > 0
+            if top_counts and _kind(gap, qg) == "claim":
+                out.append(f"The source {metric} needs most is {top}: removing it costs {gap.estimate:.4f} {unit} more "
+                           f"than removing {nxt}, the next ({both}; {_numbers(gap, qg, 4, unit)}).")
+            elif not top_counts:
+                out.append(f"No single source is shown to matter most: no removal raised {metric} beyond seed noise "
+                           f"(the largest change: removing {top}, {effect[top].estimate:+.4f} {unit}).")
             else:
-                out.append(f"Removing {n} {own} and {_change(d_obj)} the objective {metric} by {abs(d_obj):.4f} "
-                           f"{unit} ({base[metric]:.4f} -> {row[metric]:.4f}){versus_noise(d_obj)}.")
-        if effects:
-            worst = max(effects, key=effects.get)
-            best = min(effects, key=effects.get)
-            if effects[worst] > 0:
-                out.append(f"The source the objective needs most is {worst} (removing it costs {effects[worst]:+.4f} "
-                           f"{unit}{versus_noise(effects[worst]).replace(' (', ', ').rstrip(')')})"
-                           + (f"; the one it misses least is {best} ({effects[best]:+.4f} {unit})"
-                              if best != worst else "") + ".")
-            else:
-                out.append(f"Removing any one source did not raise the objective (removing {best} lowered it most, "
-                           f"{effects[best]:+.4f} {unit}).")
+                nums = _numbers(gap, qg, 4, unit, (f"without {top}", f"without {nxt}"))
+                out.append(f"No single source is shown to matter most: the two largest effects ({both}) differ by "
+                           f"{gap.estimate:.4f} {unit}, " + ("within seed noise" if gap.measured else "untested")
+                           + f" ({nums}).")
+        if size:
+            out.append(f"How these are tested: each difference is a mean over one point's seeds minus another's, with "
+                       f"Welch's standard error and a 95% confidence interval (t); the p-values are Holm-corrected "
+                       f"over the {size} comparison{'s' if size != 1 else ''} with a spread stated here (each removal "
+                       f"against base on {metric}"
+                       + (", and on the removed source's own held-out loss"
+                          if any(k == "own" and d.measured for (k, _), d in family.items()) else "")
+                       + (", and the largest removal effect against the next" if ("gap", "") in family else "")
+                       + "); an effect is claimed only when its Holm p is below 0.05.")
     else:
-        best, worst = pts.iloc[0], pts.dropna(subset=[metric]).iloc[-1]
-        spread = worst[metric] - best[metric]
-        out.append(f"The best measured mixture is {best['mixture']} "
-                   f"({weights_text(abl.names, tuple(best[f'weight.{n}'] for n in abl.names))}): {metric} "
-                   f"{best[metric]:.4f} {unit}; the worst is {worst['mixture']} ({worst[metric]:.4f}), "
-                   f"{spread:.4f} {unit} apart{versus_noise(spread)}.")
+        best, worst = pts.iloc[0], pts.iloc[-1]
+        weights = weights_text(abl.names, tuple(best[f"weight.{n}"] for n in abl.names))
         if len(pts) > 1:
-            second = pts.iloc[1]
-            gap = second[metric] - best[metric]
-            out.append(f"The runner-up, {second['mixture']}, is {gap:.4f} {unit} behind{versus_noise(gap)}.")
+            out.append(f"The best measured mixture is {best['mixture']} ({weights}): {metric} {best[metric]:.4f} "
+                       f"{unit}; the worst is {worst['mixture']} ({worst[metric]:.4f}).")
+            diffs, q, size = point_pairs(abl, pts)
+            last = len(pts) - 1
+            for j, who in ((1, "the runner-up"), *(((last, "the worst"),) if last > 1 else ())):
+                other = pts.iloc[j]
+                d, qj = diffs[(0, j)], q[(0, j)]
+                nums = _numbers(d, qj, 4, unit, (other["mixture"], best["mixture"]),
+                                f"{best[metric]:.4f} -> {other[metric]:.4f}")
+                out.append({
+                    "claim": f"{best['mixture']} beats {who}, {other['mixture']}, by {d.estimate:.4f} {unit} ({nums}).",
+                    "null": f"{best['mixture']} against {who}, {other['mixture']}: no difference in {metric} "
+                            f"distinguishable from seed noise ({nums}).",
+                    "unmeasured": f"{who[:1].upper()}{who[1:]}, {other['mixture']}, is {d.estimate:.4f} {unit} behind "
+                                  f"{best['mixture']} ({nums})."}[_kind(d, qj)])
+            if size:
+                out.append(f"How these are tested: each difference is a mean over one point's seeds minus another's, "
+                           f"with Welch's standard error and a 95% confidence interval (t); the p-values are "
+                           f"Holm-corrected over all {size} pairs of points with a spread (the best, the runner-up "
+                           f"and the worst are picked after looking at every point, so every pair is a comparison "
+                           f"made); a difference is claimed only when its Holm p is below 0.05.")
+        else:
+            out.append(f"One point measured: {best['mixture']} ({weights}): {metric} {best[metric]:.4f} {unit}.")
         for n in abl.names:
             w, loss = pts[f"weight.{n}"].to_numpy(), pts[f"val/loss/{n}"].to_numpy()
             if np.ptp(w) == 0:
@@ -170,12 +327,15 @@ def findings(abl, pts) -> list[str]:
             out.append(f"val/{n} goes from {at_lo:.3f} nats/token at weight {lo:.2f} to {at_hi:.3f} at weight "
                        f"{hi:.2f}" + (f" (rank correlation with its weight {rho:+.2f} over {len(w)} points)"
                                       if not math.isnan(rho) else "") + ".")
+    out += _seed_notes(abl, pts)
+    vary = SEED_VARY.get(getattr(abl, "seed_vary", "init"), getattr(abl, "seed_vary", "init"))
     if noise is not None:
         out.append(f"The spread between seeds is {noise:.4f} {unit} (the standard deviation of {metric} over the "
-                   f"{len(abl.seeds)} seeds of a point, median over points; largest {float(sds.max()):.4f}).")
+                   f"{len(abl.seeds)} seeds of a point, median over points; largest {float(sds.max()):.4f}); the "
+                   f"seeds vary {vary}.")
     else:
-        out.append("One seed per point: the noise between seeds is not measured (rerun with --seeds 2 or more: the "
-                   "study grows).")
+        out.append("One seed per point: the noise between seeds is not measured and no difference is tested (rerun "
+                   "with --seeds 2 or more: the study grows).")
     return out
 
 
@@ -220,10 +380,14 @@ def choose_best(abl, pts, fit: Fit) -> tuple[tuple[float, ...], str]:
     best = pts.iloc[0]
     w = tuple(float(best[f"weight.{n}"]) for n in abl.names)
     why = f"the best measured point, {best['mixture']} ({metric} {best[metric]:.4f} at the proxy budget)"
-    sds = pts["sd"].dropna()
-    if len(pts) > 1 and len(sds) and pts.iloc[1][metric] - best[metric] < 2 * float(sds.median()):
-        why += (f", within twice the seeds' spread ({float(sds.median()):.4f}) of the runner-up "
-                f"{pts.iloc[1]['mixture']} ({pts.iloc[1][metric]:.4f}): not a clear winner")
+    if len(pts) > 1:  # the test `findings` states: best against runner-up, Holm over every pair of points
+        diffs, q, size = point_pairs(abl, pts)
+        d, second = diffs[(0, 1)], pts.iloc[1]
+        if not significant(q[(0, 1)]):
+            why += (f", {d.estimate:.4f} ahead of the runner-up {second['mixture']} ({second[metric]:.4f}; "
+                    + (f"95% CI {d.low:+.4f}..{d.high:+.4f}, Holm p {fmt_p(q[(0, 1)])} over {size} pairs of points"
+                       if d.measured else noise_note(d, second["mixture"], best["mixture"]))
+                    + "): not a clear winner")
     return w, why
 
 
