@@ -319,7 +319,8 @@ def _execute(cfg: RunConfig, run_dir: Path, is_main: bool, *, fresh: bool, progr
         result = train(cfg, prepared, accelerator, run_dir, tracker, on_eval=on_eval, progress=progress,
                        fault=fault)
         if is_main:
-            _record_finish(cfg, run_dir, result, prepared, accelerator, tracker, state)
+            _record_finish(cfg, run_dir, result, prepared, accelerator, tracker, state,
+                           wikitext_refs=wants_wikitext_references(cfg, extra_tags))
     except Diverged as exc:
         if is_main:
             state.update(status="diverged", error=str(exc))
@@ -369,8 +370,10 @@ def _record_start(cfg: RunConfig, run_dir: Path, state: dict, tracker, run_id, e
         print(f"tracking: {tracker.url}", flush=True)
 
 
-def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator, tracker, state: dict) -> None:
-    """The final model exported beside the checkpoints, scored on WikiText-2, and the run recorded as finished."""
+def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator, tracker, state: dict, *,
+                   wikitext_refs: bool = False) -> None:
+    """The final model exported beside the checkpoints, scored on WikiText-2, its count-table references computed,
+    and the run recorded as finished."""
     final = run_dir / "final"
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -387,7 +390,9 @@ def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator,
         from sparknet.model import load_exported
 
         model = load_exported(final, cfg.model).to(accelerator.device).eval()
-    result_dict = result.to_dict() | score_wikitext(cfg, model, prepared, accelerator, tracker, result.steps)
+    result_dict = result.to_dict() | score_references(cfg, prepared, result.val_loss, tracker, result.steps,
+                                                      wikitext=wikitext_refs)
+    result_dict |= score_wikitext(cfg, model, prepared, accelerator, tracker, result.steps)
     result_dict |= score_downstream(cfg, run_dir, model, prepared, accelerator, tracker, result.steps)
     (run_dir / "result.json").write_text(json.dumps(result_dict, indent=1))
     tracker.log_artifact(run_dir / "result.json")
@@ -398,6 +403,75 @@ def _record_finish(cfg: RunConfig, run_dir: Path, result, prepared, accelerator,
     tracker.end("FINISHED")
     state.update(status="finished", result=result_dict, finished=time.time())
     _write_state(run_dir, state)
+
+
+def wants_wikitext_references(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> bool:
+    """Whether a run computes the WikiText-2 validation references: when it reads WikiText-2 anyway (eval.wikitext),
+    when a local copy is configured (eval.wikitext_path, $SPARKNET_WIKITEXT), or when the study that started it
+    minimizes WikiText-2 validation bits per byte (its `sparknet.objective` tag; such a study has checked that the
+    split is readable). Otherwise the run does not go looking for the dataset."""
+    from sparknet.evaluate import WIKITEXT_ENV
+    from sparknet.objective import WIKITEXT_VALID
+
+    return bool(cfg.eval.wikitext or cfg.eval.wikitext_path or os.environ.get(WIKITEXT_ENV)
+                or (extra_tags or {}).get("sparknet.objective") == WIKITEXT_VALID)
+
+
+_WIKITEXT_IDS: dict = {}  # (tokenizer fingerprint, text) -> token ids of the WikiText-2 validation text
+
+
+def score_references(cfg: RunConfig, prepared, val_loss: dict[str, float], tracker, step: int, *,
+                     wikitext: bool = False) -> dict:
+    """The count-table references of the run (`sparknet.references`): unigram and bigram models of exactly the tokens
+    its plan trained on, scored on each held-out slice as the run scores it, logged as `val/ref_unigram/<source>` and
+    `val/ref_bigram/<source>` (nats/token), and with `wikitext`, on the WikiText-2 validation split as the
+    wikitext-valid objective scores it, `wikitext-valid/ref_unigram_bpb` and `wikitext-valid/ref_bigram_bpb`. Printed
+    per source with how far the model is past the bigram (ref_bigram - val_loss; negative: not yet). Returns the
+    result's fields (`References.result_fields`); a failure is a recorded gap (`references_skipped`), never a
+    failed run."""
+    from sparknet.model import GPTShape
+    from sparknet.references import past_bigram, run_references, wikitext_text
+
+    tok = prepared.tokenizer
+    ids, text_bytes, skipped = None, None, ""
+    if wikitext:
+        from sparknet.evaluate import load_wikitext
+
+        try:
+            text = wikitext_text(load_wikitext("validation", cfg.eval.wikitext_path or None))
+            key = (tok.fingerprint, len(text), hash(text))
+            if key not in _WIKITEXT_IDS:  # a study's trials share one process: tokenized once
+                _WIKITEXT_IDS.clear()
+                _WIKITEXT_IDS[key] = tok.encode_batch([text])[0]
+            ids, text_bytes = _WIKITEXT_IDS[key], len(text.encode("utf-8"))
+        except Exception as exc:  # an unreadable split is a recorded gap, as in score_wikitext
+            skipped = str(exc) if isinstance(exc, SparknetError) else f"{type(exc).__name__}: {exc}"
+    try:
+        refs = run_references(prepared.plan, prepared.stores, tok.vocab_size, cfg.train.seq_len, cfg.eval.val_tokens,
+                              wikitext_ids=ids, wikitext_bytes=text_bytes,
+                              context=GPTShape.from_config(cfg.model, tok.vocab_size).n_positions)
+    except Exception as exc:  # the training is done and must not be lost over a reference figure
+        why = f"{type(exc).__name__}: {exc}"
+        print(f"warning: count-table references not computed: {why}", file=sys.stderr)
+        tracker.set_tags({"sparknet.references_skipped": why[:5000]})
+        return {"references_skipped": why}
+    refs.wikitext_skipped = skipped if wikitext else "not asked (no WikiText-2 objective, eval.wikitext or local copy)"
+    tracker.log_metrics(refs.metrics(), step)
+    past = past_bigram(val_loss, refs.bigram)
+    print(f"references: count tables of the run's {refs.train_tokens:,} training tokens ({refs.smoothing}; "
+          f"{refs.seconds:.2f} s)", flush=True)
+    for name in refs.bigram:
+        loss = f"val loss {val_loss[name]:.4f}, " if name in val_loss else ""
+        print(f"  {name:<16} {loss}unigram {refs.unigram[name]:.4f}, bigram {refs.bigram[name]:.4f} nats/token"
+              + (f": past bigram by {past[name]:.3f} nats" + (" (not yet)" if past[name] < 0 else "")
+                 if name in past else ""), flush=True)
+    if refs.wikitext_valid:
+        w = refs.wikitext_valid
+        print(f"  {'wikitext-valid':<16} unigram {w['unigram_bpb']:.4f}, bigram {w['bigram_bpb']:.4f} bits/byte "
+              f"({w['tokens']:,} tokens scored)", flush=True)
+    elif wikitext and skipped:
+        print(f"warning: WikiText-2 validation references not computed: {skipped}", file=sys.stderr)
+    return refs.result_fields() | {"references_skipped": ""}
 
 
 def score_wikitext(cfg: RunConfig, model, prepared, accelerator, tracker, step: int) -> dict:
@@ -558,7 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, before)
     r = out.result
     if out.result:
-        val = ", ".join(f"{k} {v:.3f}" for k, v in r["val_loss"].items())
+        from sparknet.references import past_bigram
+
+        past = past_bigram(r["val_loss"], r.get("val_ref_bigram") or {})
+        val = ", ".join(f"{k} {v:.3f}" + (f" (past bigram by {past[k]:.3f} nats)" if k in past else "")
+                        for k, v in r["val_loss"].items())
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
         print(f"done: {r['tokens']:,} tokens in {r['steps']:,} steps, {r['seconds']:.0f} s "
               f"({r['tokens_per_s']:,.0f} tokens/s{mfu}); train loss {r['train_loss']:.4f}; val loss {val}")
