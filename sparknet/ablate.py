@@ -3,7 +3,7 @@
     python -m sparknet.ablate MIXTURE.yaml --design DESIGN [--proxy-tokens 20M] [--objective wikitext-valid]
            [--study NAME] [--storage URL] [--out DIR] [--seeds K] [--confirm] [--stage I] [key=value ...]
 
-DESIGN (sparknet.designs.design_points) is `leave-one-out`, `single-source`, `grid:STEP`, `random:N` (seeded
+DESIGN (sparknet.designs.design_points) is `leave-one-out`, `single-source`, `grid:STEP`, `random:N`, `prior:N[:C]` (seeded
 Dirichlet draws, as RegMix) or a YAML file of weight vectors. An ablation is a kind of study
 (`sparknet.study.StudyKind`), as a sweep is: the points x seeds are enqueued in an Optuna study with fixed
 parameters (point index, model seed `train.seed`, the weights), so several workers on one storage (PostgreSQL for
@@ -68,7 +68,12 @@ class Ablation(StudyKind):
     points: list[Point]
     names: tuple[str, ...]  # the mixture's sources, in its order (the order of every weight vector)
     stage: int | None = None  # the stage whose weights are ablated (None: the sources' own weights)
-    seeds: list[int]  # train.seed of each repeat: the mixture's seed, +1, ...
+    seeds: list[int]  # the label of each repeat: train.seed of the mixture, +1, ... (its k-th repeat: k = index)
+    # What differs between a point's repeats: the model's initialization (train.seed + k), the data order
+    # (mixture.seed + k: the interleaving and each source's sequence order; never the validation slices, the token
+    # quotas or the tokenizer), or both.
+    seed_vary: str = "both"
+    data_seed: int = 1234  # the mixture's own mixture.seed, the first repeat's data order
     design_seed: int = 0
     storage_given: bool = True  # whether --storage was given (the command written to the README says it only then)
 
@@ -88,9 +93,12 @@ class Ablation(StudyKind):
         budget and the seed. Only the final evaluation: an ablation prunes nothing, so evaluating every source's
         held-out slice along the way would only cost time."""
         k = self.seeds.index(seed) if seed in self.seeds else seed
+        init_seed = seed if self.seed_vary in ("init", "both") else self.seeds[0]
         extra = [f"mixture.total_tokens={self.proxy_tokens}", f"eval.every_tokens={self.proxy_tokens}",
-                 "eval.wikitext=[]", f"tracking.experiment={self.study_name}", f"train.seed={seed}",
+                 "eval.wikitext=[]", f"tracking.experiment={self.study_name}", f"train.seed={init_seed}",
                  f"name={self.study_name[:48]}-p{point}-s{k}"]
+        if self.seed_vary in ("data", "both"):
+            extra.append(f"mixture.seed={self.data_seed + k}")
         return load_config(self.mixture, [*self.base_overrides, *extra,
                                           *self.weight_overrides(self.points[point].weights)])
 
@@ -113,7 +121,7 @@ class Ablation(StudyKind):
     def design_label(self) -> str:
         if Path(self.design).suffix in (".yaml", ".yml"):
             return f"file {Path(self.design).name}"
-        return self.design + (f" (seed {self.design_seed})" if self.design.startswith("random:") else "")
+        return self.design + (f" (seed {self.design_seed})" if self.design.startswith(("random:", "prior:")) else "")
 
     # -- the lifecycle's hooks (sparknet.study) ----------------------------------------------------
 
@@ -125,7 +133,7 @@ class Ablation(StudyKind):
     def identity(self) -> dict[str, Any]:
         return {"sparknet.design": {"design": self.design_label(), "stage": self.stage, "sources": list(self.names),
                                     "points": [[p.name, list(p.weights)] for p in self.points]},
-                "sparknet.seeds": len(self.seeds)}
+                "sparknet.seeds": len(self.seeds), "sparknet.seed_vary": self.seed_vary}
 
     def identity_difference(self, stored: dict[str, Any], now: dict[str, Any]) -> str | None:
         """More seeds than the study has is not a difference: it grows."""
@@ -141,6 +149,11 @@ class Ablation(StudyKind):
             if old.get("points") != new["points"]:
                 return (f"its design is {old.get('design')} ({len(old.get('points', []))} points), this command's is "
                         f"{new['design']} ({len(new['points'])} points) (--design)")
+        # Studies from before --seed-vary varied the model seed only.
+        vary = stored.get("sparknet.seed_vary", "init" if "sparknet.seeds" in stored else now["sparknet.seed_vary"])
+        if vary != now["sparknet.seed_vary"] and max(stored.get("sparknet.seeds", 1), now["sparknet.seeds"]) > 1:
+            return (f"its seeds vary {vary}, this command's {now['sparknet.seed_vary']} (fix: --seed-vary {vary}, or a "
+                    f"new --study)")
         k_old = stored.get("sparknet.seeds")
         if k_old is not None and now["sparknet.seeds"] < k_old:
             return (f"it has {k_old} seeds per point, this command asks for {now['sparknet.seeds']} (--seeds may grow, "
@@ -381,12 +394,20 @@ def default_study_name(cfg: RunConfig, design: str, stage: int | None) -> str:
     return f"{cfg.name}-{label}" + (f"-stage{stage}" if stage is not None else "")
 
 
+def seeds_text(abl: Ablation) -> str:
+    """What the repeats of a point vary, with their seeds."""
+    k = len(abl.seeds)
+    init = f"train.seed {', '.join(map(str, abl.seeds))}"
+    data = f"mixture.seed {', '.join(str(abl.data_seed + i) for i in range(k))}"
+    return {"init": init, "data": data, "both": f"{init}; {data}"}[abl.seed_vary]
+
+
 def dry_run_text(abl: Ablation, plans: list) -> str:
     names = abl.names
     runs = len(abl.points) * len(abl.seeds)
     lines = [f"ablation {abl.study_name}: design {abl.design_label()} over {', '.join(names)}"
              + (f" (stage {abl.stage})" if abl.stage is not None else "")
-             + f": {len(abl.points)} points x {len(abl.seeds)} seed(s) (train.seed {', '.join(map(str, abl.seeds))}) "
+             + f": {len(abl.points)} points x {len(abl.seeds)} seed(s) ({seeds_text(abl)}) "
              f"= {runs} runs of {abl.proxy_tokens:,} tokens ({runs * abl.proxy_tokens:,} tokens); minimizing "
              f"{abl.objective.metric}"]
     width = max(len(p.name) for p in abl.points)
@@ -408,15 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("mixture", nargs="?", help="mixture YAML, e.g. mixtures/quickstart.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (e.g. model.preset=cpu-small)")
     ap.add_argument("--design", default=None,
-                    help="leave-one-out, single-source, grid:STEP (e.g. grid:0.25), random:N (seeded Dirichlet draws) "
+                    help="leave-one-out, single-source, grid:STEP (e.g. grid:0.25), random:N (seeded uniform Dirichlet draws), "
+                         "prior:N[:C] (draws around the base mixture, concentration C; RegMix's sampling) "
                          "or a YAML file: points: [{name: .., weights: {source: w, ..}}, ..]")
     ap.add_argument("--objective", default=DEFAULT_OBJECTIVE,
                     help="what to minimize: wikitext-valid (WikiText-2 validation bits per byte; the default), val "
                          "(mean held-out loss over the sources) or val/<source>")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="model seeds per point (train.seed, +1, ...), to tell noise from effect (default 1)")
+                    help="repeats per point, to tell noise from effect (default 1; 3 or more let effects be tested)")
+    ap.add_argument("--seed-vary", choices=("init", "data", "both"), default="both",
+                    help="what differs between a point's repeats: the model's initialization (train.seed +k), the "
+                         "data order (mixture.seed +k), or both (the default: data order moves results as much as "
+                         "initialization, so a spread of init seeds alone understates the noise)")
     ap.add_argument("--stage", type=int, default=None, help="staged mixtures: ablate the weights of stage I")
-    ap.add_argument("--design-seed", type=int, default=0, help="random:N: the seed of the draws (default 0)")
+    ap.add_argument("--design-seed", type=int, default=0, help="random:N, prior:N: the seed of the draws (default 0)")
     ap.add_argument("--dry-run", action="store_true", help="print the points and their plans; train nothing")
     args = ap.parse_intermixed_args(argv)
     if not args.mixture:
@@ -439,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SparknetError(f"--objective: {exc}") from None
     seeds = [base.train.seed + k for k in range(args.seeds)]
     abl = Ablation(mixture=args.mixture, design=args.design, points=points, names=names, stage=args.stage,
-                   seeds=seeds, base_overrides=list(args.overrides), objective=objective, design_seed=args.design_seed,
+                   seeds=seeds, seed_vary=args.seed_vary, data_seed=base.mixture.seed,
+                   base_overrides=list(args.overrides), objective=objective, design_seed=args.design_seed,
                    storage_given=args.storage is not None,
                    **study_settings(args, budget, base, default_study_name(base, args.design, args.stage)))
     plans = abl.plans  # every point's config and plan, before anything starts

@@ -22,7 +22,8 @@ from sparknet.ablate_effects import effects_frame, effects_markdown
 from sparknet.ablate_stats import Difference, fmt_p, holm, noise_note, significant, summarize, welch_from_stats
 from sparknet.config import load_config, to_dict
 from sparknet.errors import SparknetError
-from sparknet.mixfit import Fit, fit_objective, spearman
+from sparknet.full_budget import source_limits
+from sparknet.mixfit import Fit, design_supports_fit, fit_objective, spearman
 from sparknet.objective import DOWNSTREAM, WIKITEXT_VALID
 from sparknet.study import Summary
 from sparknet.study_files import markdown_table, save_figure, write_csv, write_text
@@ -343,9 +344,11 @@ def command_line(abl) -> str:
     """The command that reruns (continues) this study."""
     parts = ["python", "-m", "sparknet.ablate", str(abl.mixture), "--design", abl.design, "--proxy-tokens",
              str(abl.proxy_tokens), "--objective", abl.objective.name, "--seeds", str(len(abl.seeds))]
+    if len(abl.seeds) > 1 or abl.seed_vary != "both":
+        parts += ["--seed-vary", abl.seed_vary]
     if abl.stage is not None:
         parts += ["--stage", str(abl.stage)]
-    if abl.design.startswith("random:") and abl.design_seed:
+    if abl.design.startswith(("random:", "prior:")) and abl.design_seed:
         parts += ["--design-seed", str(abl.design_seed)]
     parts += ["--study", abl.study_name]
     if abl.storage_given:
@@ -370,13 +373,28 @@ def _round_weights(w: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(x / sum(r) if sum(r) else x for x in r) if abs(sum(r) - 1) > 1e-9 else tuple(r)
 
 
-def choose_best(abl, pts, fit: Fit) -> tuple[tuple[float, ...], str]:
-    """The mixture best.yaml holds and why: the fit's prediction when trusted, else the best measured point."""
+def mean_noise(pts) -> float | None:
+    """The noise of one point's mean objective, for the fit: the seed spread pooled over the points with two or more
+    finished seeds (root mean square of their standard deviations), over the square root of the typical number of
+    seeds; None when no point has two."""
+    two = pts[pts["seeds"] >= 2] if "seeds" in pts else pts.iloc[:0]
+    if not len(two) or two["sd"].isna().all():
+        return None
+    return float(np.sqrt(np.nanmean(two["sd"].to_numpy(float) ** 2)) / np.sqrt(float(np.median(pts["seeds"]))))
+
+
+def choose_best(abl, pts, fit: Fit, limits=None) -> tuple[tuple[float, ...], str]:
+    """The mixture best.yaml holds and why: the fit's prediction when trusted (its candidates were trainable at the
+    full budget already), else the best measured point; a measured point that runs out of a source at the full
+    budget (`limits`, `sparknet.full_budget`) gives way to the best one that does not, or to itself with that source
+    capped, and the reason says which source ran out."""
     metric = abl.objective.metric
     if fit.trusted and fit.predicted_best is not None:
         w = _round_weights(fit.predicted_best)
-        return w, (f"predicted by the fitted {fit.model} model ({metric} {fit.predicted_value:.4f} predicted; "
-                   f"held-out rank correlation {fit.cv_spearman:.2f}): not measured yet, confirm it (--confirm)")
+        return w, (f"predicted by the fitted {fit.model} model ({metric} {fit.predicted_value:.4f} predicted, 95% "
+                   f"prediction interval {fit.interval_lo:.4f}..{fit.interval_hi:.4f}; held-out rank correlation "
+                   f"{fit.cv_spearman:.2f}, permutation p {fmt_p(fit.p_value)}): not measured yet, confirm it "
+                   f"(--confirm)")
     best = pts.iloc[0]
     w = tuple(float(best[f"weight.{n}"]) for n in abl.names)
     why = f"the best measured point, {best['mixture']} ({metric} {best[metric]:.4f} at the proxy budget)"
@@ -388,7 +406,24 @@ def choose_best(abl, pts, fit: Fit) -> tuple[tuple[float, ...], str]:
                     + (f"95% CI {d.low:+.4f}..{d.high:+.4f}, Holm p {fmt_p(q[(0, 1)])} over {size} pairs of points"
                        if d.measured else noise_note(d, second["mixture"], best["mixture"]))
                     + "): not a clear winner")
-    return w, why
+    short = limits.shortfall(w) if limits is not None else None
+    if short is None:
+        return w, why
+    for k in range(1, len(pts)):  # the best measured point that is trainable at the full budget
+        row = pts.iloc[k]
+        alt = tuple(float(row[f"weight.{n}"]) for n in abl.names)
+        if limits.shortfall(alt) is None:
+            return alt, (f"the best measured point that is trainable at the full budget, {row['mixture']} ({metric} "
+                         f"{row[metric]:.4f} at the proxy budget; {row[metric] - best[metric]:+.4f} from the best, "
+                         f"{best['mixture']}, which cannot be trained as measured: {short})")
+    capped = limits.nearest_feasible(w)
+    if capped is None:
+        raise SparknetError(f"study {abl.study_name}: no measured mixture is trainable at the full budget ({short}) "
+                            f"and capping the short sources cannot fill it (fix: add data to the sources, raise "
+                            f"their max_repeats, or lower mixture.total_tokens)")
+    capped = _round_weights(capped)
+    return capped, (f"{why}, with the sources that run out capped at the share their data allow (not measured: "
+                    f"confirm it): as measured it cannot be trained, {short}")
 
 
 def write_ablation_summary(abl, study) -> Summary:
@@ -406,9 +441,12 @@ def write_ablation_summary(abl, study) -> Summary:
     out_dir = abl.out
     out_dir.mkdir(parents=True, exist_ok=True)
     measured = pts.dropna(subset=[metric])
+    limits = source_limits(abl.base_config(), abl.names, abl.full_config)
     fit = fit_objective(np.array([[r[f"weight.{n}"] for n in abl.names] for _, r in measured.iterrows()]),
-                        measured[metric].to_numpy(dtype=float), abl.names, seed=abl.design_seed)
-    weights, why = choose_best(abl, measured, fit)
+                        measured[metric].to_numpy(dtype=float), abl.names, seed_sd=mean_noise(measured),
+                        supports_fit=design_supports_fit(abl.design), design=abl.design,
+                        feasible=limits.feasible if limits is not None else None, seed=abl.design_seed)
+    weights, why = choose_best(abl, measured, fit, limits)
     study.set_user_attr("sparknet.best_weights", list(weights))  # what --confirm trains, by whichever worker
     mismatched = [f"{r['mixture']} seed {r['seed']}" for _, r in runs.iterrows()
                   if any(r[f"tokens.{n}"] != r[f"planned.{n}"] for n in abl.names) and r["state"] == "COMPLETE"]
@@ -445,7 +483,7 @@ def write_ablation_summary(abl, study) -> Summary:
         print(effects_md)
         plots.append(write_csv(out_dir / "effects.csv", effects_frame(abl, done)))
     text = readme(abl, study, show, formats, facts, fit, weights, why, [p for p in plots if p.suffix == ".png"],
-                  mismatched, len(runs), effects_md)
+                  mismatched, len(runs), effects_md, limits)
     files = [*plots, results, best, write_text(out_dir / "README.md", text)]
     best_value = float(measured[metric].iloc[0])
     c = counts(study)
@@ -484,8 +522,18 @@ def _objective_note(obj, wik: dict, base) -> str:
 
 
 def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mismatched, n_runs,
-           effects_md: str = "") -> str:
+           effects_md: str = "", limits=None) -> str:
     obj = abl.objective
+    full = abl.full_config(weights).mixture.total_tokens
+    if limits is None:
+        budget_note = (f"Trainable at the full budget ({full:,} tokens): not checked (the token stores were not found "
+                       f"here); `python -m sparknet.run best.yaml --dry-run` checks it.")
+    else:
+        budget_note = (f"Trainable at the full budget ({full:,} tokens): the fit's candidates and `best.yaml` are "
+                       f"checked against every source's training tokens and max_repeats, as `sparknet.prepare` "
+                       f"checks a run" + (f"; {', '.join(limits.unknown)}: only partly tokenized so far, so assumed "
+                                          f"to have enough (prepare checks it before training)"
+                                          if limits.unknown else "") + ".")
     metric = obj.metric
     wik = study.user_attrs.get("sparknet.objective_data") or {}
     base = load_config(abl.mixture, list(abl.base_overrides))
@@ -503,10 +551,13 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
              "## What it says", "", *[f"- {f}" for f in facts], "",
              "## Fitted model", "",
              f"{fit.verdict[:1].upper()}{fit.verdict[1:]}."
-             + (f" Models tried (held-out rank correlation): "
-                f"{', '.join(f'{k} {v:.2f}' for k, v in fit.candidates.items())}." if fit.candidates else "")
-             + (f" Predicted best: {weights_text(abl.names, fit.predicted_best)} ({metric} {fit.predicted_value:.4f})."
-                if fit.predicted_best is not None else ""), "",
+             + (f" Each family's own held-out rank correlation (for reading: the family was chosen inside the "
+                f"folds, not by these): {', '.join(f'{k} {v:.2f}' for k, v in fit.candidates.items())}."
+                if fit.candidates else "")
+             + (f" Predicted best: {weights_text(abl.names, fit.predicted_best)} ({metric} {fit.predicted_value:.4f}, "
+                f"95% prediction interval {fit.interval_lo:.4f}..{fit.interval_hi:.4f})."
+                if fit.predicted_best is not None and math.isfinite(fit.interval_lo) else ""), "",
+             budget_note, "",
              f"`best.yaml`: {why}; weights {weights_text(abl.names, weights)} at the mixture's full budget. Train it "
              f"with `python -m sparknet.run {abl.out / 'best.yaml'}`.", ""]
     if effects_md:

@@ -4,8 +4,16 @@
 - `single-source`: each source alone;
 - `grid:STEP`: every vector of the simplex lattice with that step (0.25 over 3 sources: 15 points), counted before
   it is built;
-- `random:N`: N seeded Dirichlet(1) draws, uniform over the simplex, as RegMix samples its small runs;
+- `random:N`: N seeded Dirichlet(1) draws, uniform over the simplex;
+- `prior:N` or `prior:N:C`: N seeded draws around the base mixture, as RegMix samples its small runs around the
+  token distribution: Dirichlet(C * m * base) over the m sources the base uses (a source at weight 0 stays at 0). C is
+  the concentration (default 1; C = 1 with a uniform base is `random:N`; larger C stays closer to the base);
 - a YAML file: `points: [{name: ..., weights: {source: w, ...}}, ...]` (weights summing to 1).
+
+Counts are checked before anything is built: at most MAX_POINTS points (a 10-source grid:0.1 is 92,378 points and is
+refused in microseconds, by its binomial count). A weight below `min_share` (MIN_SHARE: 1%; a proxy run cannot
+measure a source it barely sees) is dropped from a random draw (the rest renormalized), and rejected with a message
+from a grid step or a design file.
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ def _label(names: tuple[str, ...], w: tuple[float, ...]) -> str:
 
 
 MAX_POINTS = 10_000  # a design's points are training runs: more is a typo, not a study
+MIN_SHARE = 0.01
 
 
 def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], *, seed: int = 0,
-                  where: str = "--design") -> list[Point]:
+                  where: str = "--design", min_share: float = MIN_SHARE) -> list[Point]:
     """The points of `design` over sources `names` with base weights `base`; SparknetError for a bad design."""
     n = len(names)
     b = np.asarray(base, dtype=np.float64)
@@ -72,26 +81,50 @@ def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], 
             raise SparknetError(f"{where}: {design!r}: the step {text} does not divide 1 (fix: a step such as 0.5, "
                                 f"0.25, 0.2 or 0.1)")
         k = int(k)
+        if float(step) < min_share - 1e-12:
+            raise SparknetError(f"{where}: {design!r}: the step {text} puts weights below the minimum share "
+                                f"{min_share:g} (fix: a step of at least {min_share:g}, e.g. grid:0.05)")
         count = math.comb(k + n - 1, n - 1)
         if count > MAX_POINTS:
             raise SparknetError(f"{where}: {design!r}: {count:,} points over {n} sources (fix: a coarser step)")
         pts = [Point(_label(names, w), w) for w in (tuple(c / k for c in combo) for combo in _compositions(k, n))]
         return sorted(pts, key=lambda p: tuple(-x for x in p.weights))
-    if design.startswith("random:"):
-        text = design.split(":", 1)[1]
-        if not text.isdigit() or int(text) < 1:
-            raise SparknetError(f"{where}: {design!r}: expected random:N with N >= 1 (fix: e.g. random:32)")
+    if design.startswith(("random:", "prior:")):
+        kind, _, rest = design.partition(":")
+        text, _, conc = rest.partition(":")
+        if not text.isdigit() or int(text) < 1 or (kind == "random" and conc):
+            raise SparknetError(f"{where}: {design!r}: expected {kind}:N with N >= 1"
+                                + (" and an optional concentration, prior:N:C" if kind == "prior" else "")
+                                + f" (fix: e.g. {kind}:32)")
         if int(text) > MAX_POINTS:
             raise SparknetError(f"{where}: {design!r}: more than {MAX_POINTS:,} points, each a training run (fix: "
-                                f"random:32 to random:256 is a night's study)")
+                                f"{kind}:32 to {kind}:256 is a night's study)")
+        alpha = np.ones(n)
+        if kind == "prior":
+            try:
+                c = float(conc) if conc else 1.0
+            except ValueError:
+                c = math.nan
+            if not math.isfinite(c) or c <= 0:
+                raise SparknetError(f"{where}: {design!r}: the concentration must be a number > 0, got {conc!r} "
+                                    f"(fix: e.g. prior:32:4; larger stays closer to the base mixture)")
+            used = b > 0
+            alpha = np.where(used, c * used.sum() * b / b[used].sum(), 0.0)
         rng = np.random.default_rng([seed, 0x6D6978])  # "mix": the design's own stream
-        draws = rng.dirichlet(np.ones(n), size=int(text))
-        return [Point(f"random {i}", _normalized(w)) for i, w in enumerate(draws)]
+        draws = np.zeros((int(text), n))
+        draws[:, alpha > 0] = rng.dirichlet(alpha[alpha > 0], size=int(text))
+        pts = []
+        for i, w in enumerate(draws):
+            w = np.where(w < min_share, 0.0, w)  # a share too small to measure: dropped, the rest renormalized
+            if w.sum() <= 0:
+                w = draws[i] == draws[i].max()
+            pts.append(Point(f"{kind} {i}", _normalized(np.asarray(w, dtype=float))))
+        return pts
     path = Path(design)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        return _points_from_file(path, names)
+        return _points_from_file(path, names, min_share)
     raise SparknetError(f"{where}: unknown design {design!r} (fix: leave-one-out, single-source, grid:STEP, "
-                        f"random:N, or a YAML file of weight vectors)")
+                        f"random:N, prior:N[:C], or a YAML file of weight vectors)")
 
 
 def _compositions(total: int, parts: int):
@@ -105,7 +138,7 @@ def _compositions(total: int, parts: int):
             yield (first, *rest)
 
 
-def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
+def _points_from_file(path: Path, names: tuple[str, ...], min_share: float = MIN_SHARE) -> list[Point]:
     from sparknet.config import read_yaml
 
     if not path.is_file():
@@ -134,6 +167,11 @@ def _points_from_file(path: Path, names: tuple[str, ...]) -> list[Point]:
         if abs(w.sum() - 1.0) > 1e-6:
             raise SparknetError(f"{at}.weights: sum to {w.sum():g}, not 1 (fix: make them sum to 1; sources not "
                                 f"listed count as 0)")
+        small = [n for n, x in zip(names, w / w.sum()) if 0 < x < min_share]
+        if small:
+            raise SparknetError(f"{at}.weights.{small[0]}: {float(w[names.index(small[0])]):g} is below the minimum "
+                                f"share {min_share:g}, too little for a proxy run to measure (fix: 0 to leave it out, "
+                                f"or at least {min_share:g})")
         name = str(item.get("name")) if isinstance(item, dict) and item.get("name") else _label(names, tuple(w))
         point = Point(name, _normalized(w))
         twin = next((j for j, p in enumerate(pts) if np.allclose(p.weights, point.weights, atol=1e-9)), None)
