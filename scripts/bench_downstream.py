@@ -40,6 +40,26 @@ def _data(arg: str | None) -> tuple[Path, str]:
     return write_downstream(Path(tempfile.mkdtemp()) / "ds", n=200), "generated (200 items a task)"
 
 
+def _gpt(ckpt: Path, preset: str | None):
+    """Our GPT and tokenizer for an exported checkpoint: what a run's own scoring uses (its model code, its tokenizer:
+    tiktoken for GPT-2's BPE, else the checkpoint's tokenizer.json)."""
+    import json
+
+    from sparknet.config import ModelConfig, load_config
+    from sparknet.model import load_exported
+    from sparknet.tokenizer import HFTokenizer, TokenizerSpec, from_spec
+
+    run_cfg = ckpt.parent / "config.yaml"
+    if run_cfg.is_file():  # a run's final/: its own model config
+        model_cfg = load_config(run_cfg).model
+    else:
+        hf = json.loads((ckpt / "config.json").read_text())
+        model_cfg = ModelConfig(preset=preset or "cpu-small", n_positions=hf["n_positions"])
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    tok = from_spec(TokenizerSpec("gpt2")) if vocab == 50257 else HFTokenizer(str(ckpt))
+    return load_exported(ckpt, model_cfg).eval(), tok
+
+
 def _checkpoint(preset: str, out: Path) -> Path:
     import torch
 
@@ -66,6 +86,9 @@ def main() -> int:
     ap.add_argument("--data", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--harness-batch", type=int, default=32)
+    ap.add_argument("--scorer", choices=("gpt", "hf"), default="gpt",
+                    help="gpt: our scorer on sparknet's own model and tokenizer, as a run and a study score (the "
+                         "default); hf: our scorer on the transformers model lm-eval also loads")
     ap.add_argument("--no-harness", action="store_true", help="time our scorer only (e.g. the full set)")
     ap.add_argument("--full-estimate", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
@@ -79,7 +102,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
 
     from sparknet.downstream.evaluation import load_task_items
-    from sparknet.downstream.score import _inputs, encode_pairs, hf_scoring_model, score_pairs
+    from sparknet.downstream.score import _inputs, encode_pairs, gpt_scoring_model, hf_scoring_model, score_pairs
     from sparknet.hf_models import load_hf_model
 
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
@@ -90,10 +113,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     ckpt = Path(args.checkpoint) if args.checkpoint else _checkpoint(args.preset, tmp / "model")
     model, tokenizer = load_hf_model(str(ckpt), device=args.device, dtype=torch.float32)
-    ours = hf_scoring_model(model, tokenizer, args.device)
+    if args.scorer == "gpt":
+        gpt, tok = _gpt(ckpt, args.preset)
+        ours = gpt_scoring_model(gpt.to(args.device), tok, args.device)
+    else:
+        ours = hf_scoring_model(model, tokenizer, args.device)
     loaded = load_task_items(tasks, role="report", n_items=n, root=root)
     print(f"checkpoint {args.checkpoint or args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
-          f"{ours.n_positions}), {args.device}, {torch.get_num_threads()} threads, {args.clock} seconds; data {where}; "
+          f"{ours.n_positions}), ours on the {args.scorer} model, {args.device}, {torch.get_num_threads()} threads, {args.clock} seconds; data {where}; "
           f"{'all' if n is None else n} report items per task")
     harness = {}
     if not args.no_harness:

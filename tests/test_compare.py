@@ -158,6 +158,8 @@ def test_cli_builds_the_table_from_mlflow_with_gaps_reported_rows_files_and_a_co
     assert scored["hf-strided-64 ppl"] == pytest.approx(m["wikitext/hf-strided-64/ppl"], rel=1e-12)
     assert scored["hf-strided-64 loss"] == pytest.approx(m["wikitext/hf-strided-64/loss"], rel=1e-12)
     assert scored["val/docs"] == pytest.approx(m["val/loss/docs"], rel=1e-12)
+    # How far past its own training tokens' bigram table each held-out loss is (negative: not yet).
+    assert scored["past bigram/docs"] == pytest.approx(m["val/ref_bigram/docs"] - m["val/loss/docs"], rel=1e-9)
     assert scored["tokens"] == 16384 and scored["params_M"] == pytest.approx(0.13696)  # GPTShape count, exported
     assert scored["mixture"].startswith("scored: docs 6") and "code 3" in scored["mixture"]  # realized 60/40
     assert unscored["mixture"].startswith("unscored: code 7")

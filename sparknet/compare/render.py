@@ -87,6 +87,8 @@ def _cell(column: str, value: Any, approximate: bool = False) -> str:
         text = f"{v:,.0f}" if v >= 1000 else f"{v:.2f}" if not approximate else f"{v:g}"
     elif column == "wall time h":
         text = f"{v:.3g}"
+    elif column.startswith("past bigram/"):  # nats past the run's own bigram table; negative: not yet
+        text = f"{v:+.3f}"
     else:  # losses, bits per byte
         text = f"{v:.4f}"
     return f"≈{text}" if approximate and column.endswith(" ppl") else text

@@ -127,6 +127,12 @@ def run_row(record: Any, protocols: Sequence[str], *, uri: str, evaluate: bool, 
               val={k.removeprefix("val/loss/"): v for k, v in m.items() if k.startswith("val/loss/")},
               val_mean=mean_val_loss(m), tokens_per_s=m.get("perf/tokens_per_s", result.get("tokens_per_s")),
               tuned_on=tags.get(TUNED_TAG, ""))
+    # How far each held-out loss is past the bigram table of the run's own training tokens (sparknet.references):
+    # negative means the model has not yet learned what a count table of its data knows.
+    for source, loss in row.val.items():
+        ref = m.get(f"val/ref_bigram/{source}")
+        if ref is not None:
+            row.columns[f"past bigram/{source}"] = float(ref) - float(loss)
     if result.get("seconds") is not None:
         row.wall_s = float(result["seconds"])  # training time over all sessions of a resumed run
     elif record.start_ms and record.end_ms:
