@@ -1,7 +1,12 @@
 """python -m sparknet.ablate: a mixture ablation as one command — which sources, in which proportions?
 
     python -m sparknet.ablate MIXTURE.yaml --design DESIGN [--proxy-tokens 20M] [--objective wikitext-valid]
-           [--study NAME] [--storage URL] [--out DIR] [--seeds K] [--confirm] [--stage I] [key=value ...]
+           [--study NAME] [--storage URL] [--out DIR] [--seeds K] [--confirm] [--stage I] [--reuse STUDY] [key=value ...]
+    python -m sparknet.ablate --transfer STUDY --budget 5x [--transfer-points K] [key=value ...]
+
+`--transfer` (sparknet.ablate_transfer) retrains a finished study's answer and a spread of its points at a larger
+budget or model, as a study of its own, and writes whether the ranking holds; `--reuse` (sparknet.ablate_reuse) starts
+a study over one more or one fewer source with the other study's finished runs that still apply.
 
 DESIGN (sparknet.designs.design_points) is `leave-one-out`, `single-source`, `grid:STEP`, `random:N`, `prior:N[:C]` (seeded
 Dirichlet draws, as RegMix) or a YAML file of weight vectors. An ablation is a kind of study
@@ -90,11 +95,15 @@ class Ablation(StudyKind):
 
     def point_config(self, point: int, seed: int) -> RunConfig:
         """The proxy run of one design point: the mixture, the user's overrides, then the point's weights, the proxy
-        budget and the seed. Only the final evaluation: an ablation prunes nothing, so evaluating every source's
-        held-out slice along the way would only cost time."""
+        budget and the seed. Only the final evaluation (an ablation prunes nothing), except for the base point (point 0,
+        first seed): evaluated along the way (`sparknet.adequacy.CURVE_POINTS` times in all), its learning curve says
+        how far the proxy budget is from learning past a bigram table (`sparknet.adequacy`)."""
+        from sparknet.adequacy import CURVE_POINTS
+
         k = self.seeds.index(seed) if seed in self.seeds else seed
         init_seed = seed if self.seed_vary in ("init", "both") else self.seeds[0]
-        extra = [f"mixture.total_tokens={self.proxy_tokens}", f"eval.every_tokens={self.proxy_tokens}",
+        every = max(1, self.proxy_tokens // CURVE_POINTS) if (point, k) == (0, 0) else self.proxy_tokens
+        extra = [f"mixture.total_tokens={self.proxy_tokens}", f"eval.every_tokens={every}",
                  "eval.wikitext=[]", f"tracking.experiment={self.study_name}", f"train.seed={init_seed}",
                  f"name={self.study_name[:48]}-p{point}-s{k}"]
         if self.seed_vary in ("data", "both"):
@@ -444,7 +453,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", type=int, default=None, help="staged mixtures: ablate the weights of stage I")
     ap.add_argument("--design-seed", type=int, default=0, help="random:N, prior:N: the seed of the draws (default 0)")
     ap.add_argument("--dry-run", action="store_true", help="print the points and their plans; train nothing")
+    ap.add_argument("--transfer", default=None, metavar="STUDY",
+                    help="retrain STUDY's best.yaml, best measured point, base mixture and --transfer-points spread "
+                         "points at --budget (or with a larger model: key=value overrides), as the study "
+                         "<STUDY>-transfer-<budget>, and write whether the ranking holds (Spearman, decision "
+                         "accuracy) into STUDY's README and transfer.csv (sparknet.ablate_transfer)")
+    ap.add_argument("--budget", default=None,
+                    help="--transfer: tokens per run, as a multiple of the study's proxy budget (5x) or a count (100M)")
+    ap.add_argument("--transfer-points", type=int, default=None, metavar="K",
+                    help="--transfer: how many more points spread over the measured ranking (default: about 6-8 runs "
+                         "in all)")
+    ap.add_argument("--reuse", default=None, metavar="STUDY",
+                    help="a new study over one more or one fewer source than STUDY (same storage) starts with STUDY's "
+                         "finished runs that still apply (sparknet.ablate_reuse)")
     args = ap.parse_intermixed_args(argv)
+    if args.transfer is not None or args.budget is not None or args.transfer_points is not None:
+        from sparknet.ablate_transfer import transfer_main
+
+        return transfer_main(args, list(sys.argv[1:] if argv is None else argv))
     if not args.mixture:
         raise SparknetError("missing MIXTURE.yaml (fix: python -m sparknet.ablate mixtures/quickstart.yaml "
                             "--design leave-one-out)")
@@ -469,9 +495,15 @@ def main(argv: list[str] | None = None) -> int:
                    base_overrides=list(args.overrides), objective=objective, design_seed=args.design_seed,
                    storage_given=args.storage is not None,
                    **study_settings(args, budget, base, default_study_name(base, args.design, args.stage)))
+    if args.reuse is not None:  # the other study, checked before anything starts
+        from sparknet.ablate_reuse import ReuseAblation, check_reuse
+
+        abl = ReuseAblation.of(abl, check_reuse(abl, args.reuse))
     plans = abl.plans  # every point's config and plan, before anything starts
     if args.dry_run:
         print(dry_run_text(abl, plans))
+        if args.reuse is not None:
+            print(abl.reuse.summary(abl.planned()))
         return 0
     # Before any run trains: WikiText-2 validation must be readable if it is the objective.
     try:
@@ -480,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         default = " (the default)" if args.objective == DEFAULT_OBJECTIVE else ""
         raise SparknetError(f"--objective {objective.name}{default}: {exc} (or: --objective val, the mean held-out "
                             f"loss, needs no WikiText-2)") from None
+    if args.reuse is not None:
+        print(abl.reuse.summary(abl.planned()), flush=True)
     return abl.run(confirm=args.confirm)
 
 

@@ -5,6 +5,10 @@ held-out loss against its own weight; the objective against the weights: bars fo
 three sources), README.md, and best.yaml: the fitted model's predicted mixture when its held-out rank correlation is
 trusted, else the best measured one, at the mixture's full budget.
 
+Before any of that, the adequacy verdict (`sparknet.adequacy`): when the proxies have not learned past a bigram table
+on the slices the objective reads, the README and the terminal say so first, and the summary concludes nothing: no
+effect sentences, no effects table, no fit; best.yaml is the best measured point, with that caveat in its comment.
+
 `abl` below is a `sparknet.ablate.Ablation` (its design, sources, seeds, objective and configs).
 """
 
@@ -20,6 +24,7 @@ import yaml
 
 from sparknet.ablate_effects import effects_frame, effects_markdown
 from sparknet.ablate_stats import Difference, fmt_p, holm, noise_note, significant, summarize, welch_from_stats
+from sparknet.adequacy import plot_curve
 from sparknet.config import load_config, to_dict
 from sparknet.errors import SparknetError
 from sparknet.full_budget import source_limits
@@ -68,6 +73,20 @@ def results_frame(abl, study):
         row["val/loss"] = float(np.mean([val[n] for n in abl.names])) if all(n in val for n in abl.names) else None
         if "wikitext_valid_bpb" in t.user_attrs:
             row["wikitext-valid/bpb"] = t.user_attrs["wikitext_valid_bpb"]
+        # The run's count-table references (sparknet.references) and how far it is past its bigram one (negative: not
+        # yet), per held-out slice, and on WikiText-2 in bits per byte when it was scored.
+        a = t.user_attrs
+        for key, attr in (("ref_unigram", "val_ref_unigram"), ("ref_bigram", "val_ref_bigram")):
+            if a.get(attr):
+                row |= {f"{key}/{n}": a[attr].get(n) for n in abl.names}
+        if a.get("val_ref_bigram"):
+            row |= {f"past_bigram/{n}": a["val_ref_bigram"][n] - val[n] for n in abl.names
+                    if n in val and n in a["val_ref_bigram"]}
+        for key in ("unigram", "bigram"):
+            if a.get(f"wikitext_valid_ref_{key}_bpb") is not None:
+                row[f"wikitext-valid/ref_{key}_bpb"] = a[f"wikitext_valid_ref_{key}_bpb"]
+        if a.get("wikitext_valid_ref_bigram_bpb") is not None and "wikitext_valid_bpb" in a:
+            row["past_bigram/wikitext-valid"] = a["wikitext_valid_ref_bigram_bpb"] - a["wikitext_valid_bpb"]
         for task, figures in (t.user_attrs.get("downstream") or {}).items():  # report items, every run's end
             row[f"downstream/{task}/bpb"] = figures.get("bpb")
         row[metric] = t.value
@@ -109,6 +128,9 @@ def points_frame(abl, runs):
         row["sd"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         row["seeds"] = len(values)
         row["failed"] = len(bad)
+        for c in (f"past_bigram/{n}" for n in (*abl.names, "wikitext-valid")):  # mean over the finished seeds
+            if c in g:
+                row[c] = float(done[c].mean()) if done[c].notna().any() else math.nan
         rows.append(row)
         seed_values[name] = {c: tuple(float(v) for v in done[c]) for c in cols if c in done}
         if len(bad):
@@ -442,10 +464,16 @@ def write_ablation_summary(abl, study) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
     measured = pts.dropna(subset=[metric])
     limits = source_limits(abl.base_config(), abl.names, abl.full_config)
-    fit = fit_objective(np.array([[r[f"weight.{n}"] for n in abl.names] for _, r in measured.iterrows()]),
-                        measured[metric].to_numpy(dtype=float), abl.names, seed_sd=mean_noise(measured),
-                        supports_fit=design_supports_fit(abl.design), design=abl.design,
-                        feasible=limits.feasible if limits is not None else None, seed=abl.design_seed)
+    verdict = ablation_verdict(abl, study)
+    print(("warning: " if verdict.blocks else "adequacy: ") + verdict.headline(), flush=True)
+    if verdict.blocks:  # nothing is concluded from proxies that have not learned past a bigram table: no fit
+        fit = Fit(model="none", n_points=len(measured), cv_spearman=math.nan,
+                  verdict="not fitted: the proxies have not learned past a bigram table (see Adequacy)")
+    else:
+        fit = fit_objective(np.array([[r[f"weight.{n}"] for n in abl.names] for _, r in measured.iterrows()]),
+                            measured[metric].to_numpy(dtype=float), abl.names, seed_sd=mean_noise(measured),
+                            supports_fit=design_supports_fit(abl.design), design=abl.design,
+                            feasible=limits.feasible if limits is not None else None, seed=abl.design_seed)
     weights, why = choose_best(abl, measured, fit, limits)
     study.set_user_attr("sparknet.best_weights", list(weights))  # what --confirm trains, by whichever worker
     mismatched = [f"{r['mixture']} seed {r['seed']}" for _, r in runs.iterrows()
@@ -455,19 +483,25 @@ def write_ablation_summary(abl, study) -> Summary:
     show = pts.rename(columns={**{f"weight.{n}": f"w {n}" for n in abl.names},
                                **{f"tokens.{n}": f"tokens {n}" for n in abl.names},
                                **{f"val/loss/{n}": f"val/{n}" for n in abl.names},
+                               **{f"past_bigram/{n}": f"past bigram {n}" for n in (*abl.names, "wikitext-valid")},
                                "sd": "sd over seeds"}).drop(columns=["point"])
     formats = {**{f"w {n}": ".3f" for n in abl.names}, **{f"tokens {n}": ",d" for n in abl.names},
-               **{f"val/{n}": ".4f" for n in abl.names}, "val/loss": ".4f", metric: ".4f", "sd over seeds": ".4f"}
+               **{f"val/{n}": ".4f" for n in abl.names}, "val/loss": ".4f", metric: ".4f", "sd over seeds": ".4f",
+               **{f"past bigram {n}": "+.3f" for n in (*abl.names, "wikitext-valid")}}
     for n in abl.names:
         show[f"tokens {n}"] = show[f"tokens {n}"].map(lambda v: int(v) if v is not None and v == v else None)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(show.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    facts = findings(abl, measured)
+    # Inadequate proxies: the failed seeds are still said (facts about the runs), no effect is.
+    facts = _seed_notes(abl, measured) if verdict.blocks else findings(abl, measured)
     for line in facts:
         print(line)
     print(f"fit: {fit.verdict}")
+    if verdict.blocks:
+        print(f"warning: {verdict.headline()}", flush=True)  # again, under the table it qualifies
     results = write_csv(out_dir / "results.csv", runs)
     plots = make_plots(abl, runs, pts, fit, out_dir)
+    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", abl.study_name)
     full = abl.full_config(weights)
     tuned = (f"# Its {obj.tuned_on} figures are tuned (the study selected on them): report the test split.\n"
              if obj.tuned_on else "")
@@ -477,23 +511,27 @@ def write_ablation_summary(abl, study) -> Summary:
         f"# Weights: {weights_text(abl.names, weights)}"
         + (f" (stage {abl.stage}; the other stages keep theirs)" if abl.stage is not None else "") + ".\n"
         f"# Train it: python -m sparknet.run {out_dir / 'best.yaml'}\n" + tuned
+        + (f"# Caveat: the best measured point, not an answer: {verdict.headline()}\n" if verdict.blocks else "")
         + yaml.safe_dump(to_dict(full), sort_keys=False))
-    effects_md = effects_markdown(abl, done)
+    effects_md = "" if verdict.blocks else effects_markdown(abl, done)
     if effects_md:
         print(effects_md)
         plots.append(write_csv(out_dir / "effects.csv", effects_frame(abl, done)))
     text = readme(abl, study, show, formats, facts, fit, weights, why, [p for p in plots if p.suffix == ".png"],
-                  mismatched, len(runs), effects_md, limits)
-    files = [*plots, results, best, write_text(out_dir / "README.md", text)]
+                  mismatched, len(runs), effects_md, limits, verdict=verdict, curve_png=curve_png)
+    files = [*plots, *([curve_png] if curve_png else []), results, best, write_text(out_dir / "README.md", text)]
     best_value = float(measured[metric].iloc[0])
     c = counts(study)
     metrics = {"best_value": best_value, "runs_complete": c["COMPLETE"], "runs_diverged": c["PRUNED"],
                "trials_failed": c["FAIL"]}
     if not math.isnan(fit.cv_spearman):
         metrics["fit_cv_spearman"] = fit.cv_spearman
-    tags = {"sparknet.fit": fit.model, "sparknet.fit_trusted": str(fit.trusted).lower()}
-    result = {"dir": str(out_dir), "best_weights": weights, "best_value": best_value, "fit": fit, "findings": facts}
-    return Summary(result, metrics, tags, files, f"README.md, results.csv, best.yaml, {', '.join(p.name for p in plots)}")
+    tags = {"sparknet.fit": fit.model, "sparknet.fit_trusted": str(fit.trusted).lower(),
+            "sparknet.adequate": str(verdict.adequate).lower()}
+    result = {"dir": str(out_dir), "best_weights": weights, "best_value": best_value, "fit": fit, "findings": facts,
+              "adequacy": verdict.to_dict()}
+    return Summary(result, metrics, tags, files, f"README.md, results.csv, best.yaml, "
+                   f"{', '.join(p.name for p in [*plots, *([curve_png] if curve_png else [])])}")
 
 
 def question(abl) -> str:
@@ -521,8 +559,22 @@ def _objective_note(obj, wik: dict, base) -> str:
     return ""
 
 
+def ablation_verdict(abl, study):
+    """The adequacy verdict over the study's completed runs (`sparknet.adequacy`): the base point is point 0 with
+    the first seed, whose run evaluated along the way (its learning curve)."""
+    from sparknet.adequacy import study_verdict
+
+    def label(t) -> str:
+        point, seed = key_of(t)
+        name = abl.points[point].name if point < len(abl.points) else f"point {point}"
+        return f"{name} (seed {seed})"
+
+    trials = [t for t in finished_trials(study) if key_of(t) is not None and key_of(t)[0] < len(abl.points)]
+    return study_verdict(abl, trials, lambda t: key_of(t) == (0, abl.seeds[0]), label, noun="points")
+
+
 def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mismatched, n_runs,
-           effects_md: str = "", limits=None) -> str:
+           effects_md: str = "", limits=None, *, verdict=None, curve_png: Path | None = None) -> str:
     obj = abl.objective
     full = abl.full_config(weights).mixture.total_tokens
     if limits is None:
@@ -537,7 +589,12 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
     metric = obj.metric
     wik = study.user_attrs.get("sparknet.objective_data") or {}
     base = load_config(abl.mixture, list(abl.base_overrides))
-    lines = [f"# Mixture ablation {abl.study_name}", "", f"Question: {question(abl)}", "",
+    from sparknet.adequacy import adequacy_section
+
+    blocks = verdict is not None and verdict.blocks
+    lines = [f"# Mixture ablation {abl.study_name}", "",
+             *([f"> **Not an answer about data.** {verdict.headline()}", ""] if blocks else []),
+             f"Question: {question(abl)}", "",
              f"Objective: {metric} ({obj.unit}, lower is better" + _objective_note(obj, wik, base)
              + f"). Model {base.model.preset}, tokenizer {base.tokenizer.name}"
              + (f" ({base.tokenizer.vocab_size:,})" if base.tokenizer.name == "bpe" else "") + ".", "",
@@ -548,15 +605,19 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
              markdown_table(show, formats), "",
              ("Realized tokens per source equal each point's plan in every run (counted from the trained batches)."
               if not mismatched else f"Realized tokens differ from the plan in: {', '.join(mismatched)}."), "",
-             "## What it says", "", *[f"- {f}" for f in facts], "",
-             "## Fitted model", "",
-             f"{fit.verdict[:1].upper()}{fit.verdict[1:]}."
-             + (f" Each family's own held-out rank correlation (for reading: the family was chosen inside the "
-                f"folds, not by these): {', '.join(f'{k} {v:.2f}' for k, v in fit.candidates.items())}."
-                if fit.candidates else "")
-             + (f" Predicted best: {weights_text(abl.names, fit.predicted_best)} ({metric} {fit.predicted_value:.4f}, "
-                f"95% prediction interval {fit.interval_lo:.4f}..{fit.interval_hi:.4f})."
-                if fit.predicted_best is not None and math.isfinite(fit.interval_lo) else ""), "",
+             *(adequacy_section(verdict, curve_png, getattr(abl, "auto_budget", None)).splitlines() + [""]
+               if verdict is not None else []),
+             *(["## What it says", "", "Nothing about the data: the proxies have not learned past a bigram table "
+                "(Adequacy, above). The table is what was measured."] + [f"- {f}" for f in facts] + [""] if blocks else
+               ["## What it says", "", *[f"- {f}" for f in facts], "",
+                "## Fitted model", "",
+                f"{fit.verdict[:1].upper()}{fit.verdict[1:]}."
+                + (f" Each family's own held-out rank correlation (for reading: the family was chosen inside the "
+                   f"folds, not by these): {', '.join(f'{k} {v:.2f}' for k, v in fit.candidates.items())}."
+                   if fit.candidates else "")
+                + (f" Predicted best: {weights_text(abl.names, fit.predicted_best)} ({metric} "
+                   f"{fit.predicted_value:.4f}, 95% prediction interval {fit.interval_lo:.4f}..{fit.interval_hi:.4f})."
+                   if fit.predicted_best is not None and math.isfinite(fit.interval_lo) else ""), ""]),
              budget_note, "",
              f"`best.yaml`: {why}; weights {weights_text(abl.names, weights)} at the mixture's full budget. Train it "
              f"with `python -m sparknet.run {abl.out / 'best.yaml'}`.", ""]
@@ -564,6 +625,11 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
         lines += ["## Which source helps which metric", "",
                   "Held-out losses per source and each downstream task's correct-answer bpb on its report items "
                   "(the items no study selects by; `effects.csv` has every number).", "", effects_md, ""]
+    from sparknet.ablate_transfer import transfer_section  # here: ablate_transfer reads this module's frames
+
+    transfer = transfer_section(study.user_attrs)  # a finished --transfer of this study survives a rewrite
+    if transfer:
+        lines += [transfer, ""]
     for p in plots:
         lines += [f"![{p.stem}]({p.name})", ""]
     return "\n".join(lines)

@@ -81,12 +81,12 @@ def design_points(design: str, names: tuple[str, ...], base: tuple[float, ...], 
             raise SparknetError(f"{where}: {design!r}: the step {text} does not divide 1 (fix: a step such as 0.5, "
                                 f"0.25, 0.2 or 0.1)")
         k = int(k)
-        if float(step) < min_share - 1e-12:
-            raise SparknetError(f"{where}: {design!r}: the step {text} puts weights below the minimum share "
-                                f"{min_share:g} (fix: a step of at least {min_share:g}, e.g. grid:0.05)")
         count = math.comb(k + n - 1, n - 1)
         if count > MAX_POINTS:
             raise SparknetError(f"{where}: {design!r}: {count:,} points over {n} sources (fix: a coarser step)")
+        if float(step) < min_share - 1e-12:
+            raise SparknetError(f"{where}: {design!r}: the step {text} puts weights below the minimum share "
+                                f"{min_share:g} (fix: a step of at least {min_share:g}, e.g. grid:0.05)")
         pts = [Point(_label(names, w), w) for w in (tuple(c / k for c in combo) for combo in _compositions(k, n))]
         return sorted(pts, key=lambda p: tuple(-x for x in p.weights))
     if design.startswith(("random:", "prior:")):

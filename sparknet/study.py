@@ -17,11 +17,15 @@ What every kind gets, written once:
   alive by a heartbeat): the summary written to `--out` (default experiments/<study>/, from where the command runs),
   then `--confirm` (the chosen config at the full budget), by one worker each.
 - The command line's shared flags (`add_study_arguments`, `parse_budget`, `study_settings`).
+- Whether the proxies are big enough to answer (`sparknet.adequacy`): the margin (--adequacy-margin, --no-adequacy)
+  that the kinds' summaries judge their runs by, and `--proxy-tokens auto`: the base point probed once (before the
+  study is created; `resolve_auto_budget`), the budget stored with the study's identity (`sparknet.proxy_tokens`,
+  and how it was found in `sparknet.proxy_auto`) so a rerun or another worker keeps it.
 
 A kind (a dataclass subclass of `StudyKind`) implements: for the lifecycle `base_config`, `identity`,
 `identity_difference`, `sampler_and_pruner`, `queue`, `parent_params`, `summarize`, `confirmation` (and optionally
 `before_create`, `parent_tags`, `plan_detail`); for its worker `take`, `setup_trial`, `unbuildable_fix` (and
-optionally `report`, `trial_tags`, `record`).
+optionally `report`, `trial_tags`, `record`, `curve_run`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sparknet import atomic
+from sparknet.adequacy import DEFAULT_AUTO_CAP, MARGIN
 from sparknet.config import RunConfig, to_dict
 from sparknet.errors import ArgumentParser, SparknetError
 from sparknet.objective import Objective
@@ -106,6 +112,13 @@ class StudyKind:
     heartbeat_s: int = 60
     progress: bool = False
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # Whether the proxies learned past a bigram table (sparknet.adequacy): the margin in nats/token, and whether a
+    # failed verdict stops the summary from concluding (--no-adequacy: stated, not enforced).
+    adequacy_margin: float = MARGIN
+    adequacy_enforced: bool = True
+    # --proxy-tokens auto: {"cap": tokens, "time_cap_s": s or None} until the probe has run (proxy_tokens is then the
+    # cap, provisionally), then what the probe found, "chosen" among it (= proxy_tokens). None: a budget given.
+    auto_budget: dict[str, Any] | None = None
 
     def run(self, *, confirm: bool) -> int:
         """Create or load the study, work on it, conclude (`run_study`); the exit code."""
@@ -184,6 +197,18 @@ class StudyKind:
     def record(self, trial, out, metrics: dict[str, float], cfg: RunConfig) -> None:
         """Anything else a completed trial keeps (user attrs), before it is told."""
 
+    def curve_run(self, frozen, cfg: RunConfig) -> bool:
+        """Whether this trial is the study's learning curve (its base point, evaluated along the way): then the bigram
+        references of a run of each evaluation's budget are counted too (`ref_bigram_by_eval`), for the verdict's
+        extrapolation. Default: a run evaluated before its end (an ablation evaluates only its base point so)."""
+        return cfg.eval.every_tokens < cfg.mixture.total_tokens
+
+    def forget_budget(self) -> None:
+        """Drop what a kind computed from the provisional budget (--proxy-tokens auto, before its probe): cached
+        plans and run folders (`Ablation.plans`, its `_run_dirs`) are computed again at the chosen one."""
+        for name in ("plans", "_run_dirs"):
+            vars(self).pop(name, None)
+
     def unbuildable_fix(self) -> str:
         raise NotImplementedError
 
@@ -198,6 +223,8 @@ def run_study(kind: StudyKind, *, confirm: bool) -> int:
     with interrupt_handlers():
         storage = open_storage(kind.storage_url, kind.heartbeat_s)
         existing = find_study(kind.study_name, storage)
+        if kind.auto_budget is not None and "chosen" not in kind.auto_budget:
+            existing = resolve_auto_budget(kind, storage, existing)
         if existing is not None:  # a rerun: a different question is an error before anything is prepared
             check_identity(kind, existing.user_attrs, study_identity(kind))
         kind.before_create(existing)
@@ -267,6 +294,36 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
         if summary is not None:
             summary["confirm"] = out.result
         return summary
+
+
+def resolve_auto_budget(kind: StudyKind, storage, existing):
+    """--proxy-tokens auto on a study without a budget yet: probe the base point (`sparknet.adequacy.probe`) and store
+    the budget it chose with the study at once (created for it if new), so that a rerun, or a worker started meanwhile,
+    keeps it and never probes again; a budget another worker stored meanwhile is taken instead. Returns the study."""
+    from sparknet.adequacy import probe
+
+    stored = existing.user_attrs if existing is not None else {}
+    probed = False
+    if "sparknet.proxy_tokens" not in stored:
+        info = probe(kind.base_config(), objective=kind.objective, cap=kind.auto_budget["cap"],
+                     margin=kind.adequacy_margin, study_name=kind.study_name,
+                     time_cap_s=kind.auto_budget.get("time_cap_s"), progress=kind.progress)
+        with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
+            existing = create_study(kind.study_name, storage, None, None)
+            stored = existing.user_attrs
+            if "sparknet.proxy_tokens" not in stored:
+                existing.set_user_attr("sparknet.proxy_tokens", info["chosen"])
+                existing.set_user_attr("sparknet.proxy_auto", info)
+                stored, probed = {"sparknet.proxy_tokens": info["chosen"], "sparknet.proxy_auto": info}, True
+    chosen = int(stored["sparknet.proxy_tokens"])
+    if not probed:
+        print(f"--proxy-tokens auto: study {kind.study_name} has its budget stored, {chosen:,} tokens; using it, not "
+              f"probing again", flush=True)
+    kind.auto_budget = dict(stored.get("sparknet.proxy_auto") or {}, chosen=chosen)
+    if kind.proxy_tokens != chosen:
+        kind.proxy_tokens = chosen
+        kind.forget_budget()
+    return existing
 
 
 def out_folder(out: str | Path | None, study_name: str) -> Path:
@@ -439,7 +496,8 @@ def study_identity(kind: StudyKind) -> dict[str, Any]:
         "sparknet.mixture_sha256": hashlib.sha256(json.dumps(mixture_part, sort_keys=True).encode()).hexdigest(),
         "sparknet.overrides": list(kind.base_overrides),
         "sparknet.model": {k.removeprefix("model."): v for k, v in rec.items() if k.startswith("model.")},
-    } | kind.identity()
+    } | ({"sparknet.proxy_auto": kind.auto_budget} if kind.auto_budget and "seconds" in kind.auto_budget else {}) \
+        | kind.identity()
 
 
 def check_identity(kind: StudyKind, stored: dict[str, Any], now: dict[str, Any]) -> None:
@@ -507,7 +565,19 @@ def add_study_arguments(ap: argparse.ArgumentParser, *, noun: str, proxy_default
     is called ("trial", "run"); `keeps`: what a study keeps (for --study's help); `confirm_what`: what --confirm
     trains."""
     ap.add_argument("--proxy-tokens", default=proxy_default,
-                    help=f"training tokens per {noun} (default {proxy_default})")
+                    help=f"training tokens per {noun} (default {proxy_default}), or auto: train the base point once, "
+                         f"evaluating along the way, until it is past its bigram reference by the margin (or at "
+                         f"--auto-cap), and use that budget for every {noun} (stored with the study: a rerun keeps it)")
+    ap.add_argument("--auto-cap", default=None, metavar="TOKENS",
+                    help=f"--proxy-tokens auto: the most tokens the probe trains (default {DEFAULT_AUTO_CAP})")
+    ap.add_argument("--auto-time", default=None, metavar="TIME",
+                    help="--proxy-tokens auto: also stop the probe after this long, e.g. 2h (default: none)")
+    ap.add_argument("--adequacy-margin", type=float, default=MARGIN, metavar="NATS",
+                    help=f"how far past its bigram reference every {noun} must be, in nats/token, for the summary to "
+                         f"conclude anything (default {MARGIN}; sparknet.adequacy says why)")
+    ap.add_argument("--no-adequacy", action="store_true",
+                    help="state the adequacy verdict but conclude anyway (effect sentences, fit): for tests, and for "
+                         "users who accept answers about early optimization")
     ap.add_argument("--study", default=None,
                     help=f"study name (default: {study_default}); a study keeps its {keeps}: reusing the name with "
                          f"others is an error")
@@ -524,41 +594,115 @@ def add_study_arguments(ap: argparse.ArgumentParser, *, noun: str, proxy_default
     ap.add_argument("--progress", action="store_true", help=f"progress bars for each {noun}")
 
 
-def parse_budget(args, example: str) -> tuple[int, float | None]:
-    """The shared flags checked first: (proxy tokens per trial, --timeout in seconds or None). `example` is the
-    --proxy-tokens value the fix suggests (e.g. "20M")."""
+@dataclass(frozen=True)
+class AutoBudget:
+    """--proxy-tokens auto, as `parse_budget` read it: the probe's cap in tokens, and in seconds (or None)."""
+
+    cap: int
+    time_cap_s: float | None
+
+
+def parse_budget(args, example: str) -> tuple[int | AutoBudget, float | None]:
+    """The shared flags checked first: (proxy tokens per trial, or an `AutoBudget` for --proxy-tokens auto; --timeout
+    in seconds or None). `example` is the --proxy-tokens value the fix suggests (e.g. "20M")."""
     from sparknet.config import parse_tokens
 
     if args.heartbeat < 1:
         raise SparknetError(f"--heartbeat: must be >= 1 second, got {args.heartbeat} (fix: --heartbeat 60)")
+    margin = getattr(args, "adequacy_margin", MARGIN)
+    if not margin >= 0 or not math.isfinite(margin):  # nan too
+        raise SparknetError(f"--adequacy-margin: must be >= 0 nats/token, got {margin} (fix: --adequacy-margin "
+                            f"{MARGIN}, or --no-adequacy to conclude whatever the proxies learned)")
+    auto = str(args.proxy_tokens).strip().lower() == "auto"
+    for flag, value in (("--auto-cap", getattr(args, "auto_cap", None)), ("--auto-time", getattr(args, "auto_time", None))):
+        if value is not None and not auto:
+            raise SparknetError(f"{flag}: only with --proxy-tokens auto, got --proxy-tokens {args.proxy_tokens} (fix: "
+                                f"--proxy-tokens auto {flag} {value}, or drop {flag})")
+    if auto:
+        text = getattr(args, "auto_cap", None) or DEFAULT_AUTO_CAP
+        try:
+            cap = parse_tokens(text)
+        except ValueError as exc:
+            raise SparknetError(f"--auto-cap: {exc} (fix: use e.g. --auto-cap {DEFAULT_AUTO_CAP})") from None
+        if cap <= 0:
+            raise SparknetError(f"--auto-cap: must be > 0 tokens, got {text} (fix: --auto-cap {DEFAULT_AUTO_CAP})")
+        time_cap = getattr(args, "auto_time", None)
+        try:
+            time_s = parse_duration(time_cap)
+        except SparknetError:
+            raise SparknetError(f"--auto-time: {time_cap!r} is not a duration (fix: use e.g. 2h, 30m, 90s)") from None
+        if time_s is not None and time_s <= 0:
+            raise SparknetError(f"--auto-time: must be > 0, got {time_cap!r} (fix: use e.g. 2h, or leave it out)")
+        return AutoBudget(cap, time_s), parse_duration(args.timeout)
     try:
         proxy = parse_tokens(args.proxy_tokens)
     except ValueError as exc:
-        raise SparknetError(f"--proxy-tokens: {exc} (fix: use e.g. {example})") from None
+        raise SparknetError(f"--proxy-tokens: {exc} (fix: use e.g. {example}, or auto)") from None
     if proxy <= 0:
-        raise SparknetError(f"--proxy-tokens: must be > 0 (fix: use e.g. {example})")
+        raise SparknetError(f"--proxy-tokens: must be > 0 (fix: use e.g. {example}, or auto)")
     return proxy, parse_duration(args.timeout)
 
 
-def study_settings(args, budget: tuple[int, float | None], base: RunConfig, default_name: str) -> dict[str, Any]:
+def study_settings(args, budget: tuple[int | AutoBudget, float | None], base: RunConfig, default_name: str, *,
+                   objective: Objective | None = None) -> dict[str, Any]:
     """The shared flags as a StudyKind's fields: `budget` from `parse_budget`, the study's name (--study, else
-    `default_name`) and storage (default: the lab's SQLite file, `base`'s lab)."""
+    `default_name`) and storage (default: the lab's SQLite file, `base`'s lab), the adequacy margin. --proxy-tokens
+    auto: the budget the study stored if it has one, else the cap until the probe has run (`resolve_auto_budget`);
+    with --dry-run, what the probe would do (`objective`: the slices it reads; default --objective's)."""
     proxy, timeout = budget
+    auto = None
+    t = base.train
+    if isinstance(proxy, AutoBudget):
+        if proxy.cap < t.batch_tokens:
+            raise SparknetError(f"--auto-cap {proxy.cap:,}: less than one optimizer step of train.batch_tokens "
+                                f"{t.batch_tokens:,} (fix: --auto-cap {DEFAULT_AUTO_CAP}, at least "
+                                f"{t.batch_tokens:,}, or lower train.batch_tokens)")
+        auto = {"cap": proxy.cap, "time_cap_s": proxy.time_cap_s}
+        proxy = proxy.cap
     if not args.storage:  # the lab's own database: its folder is made here (any other must exist already)
         check_lab(base.lab_path)
         base.lab_path.mkdir(parents=True, exist_ok=True)
     else:
         check_storage_url(args.storage)
     if base.train.batch_tokens > proxy:  # a trial's budget is the proxy's: it must hold one optimizer step
-        t = base.train
         raise SparknetError(f"--proxy-tokens {proxy:,}: less than one optimizer step of train.batch_tokens "
                             f"{t.batch_tokens:,} (fix: --proxy-tokens {t.batch_tokens:,} or more, or lower "
                             f"train.batch_tokens to at most {proxy // t.seq_len * t.seq_len:,})")
     name, url = parse_study_name(args.study or default_name), args.storage or default_storage(base.lab_path)
     check_out_folder(out_folder(args.out, name), name, url)
+    margin = getattr(args, "adequacy_margin", MARGIN)
+    if auto is not None:
+        stored = _stored_budget(url, name, args.heartbeat)
+        if stored is not None:
+            proxy = int(stored["sparknet.proxy_tokens"])
+            auto = dict(stored.get("sparknet.proxy_auto") or {}, chosen=proxy)
+            print(f"--proxy-tokens auto: study {name} has its budget stored, {proxy:,} tokens; using it, not probing "
+                  f"again", flush=True)
+        elif getattr(args, "dry_run", False):
+            if objective is None:
+                with contextlib.suppress(SparknetError):
+                    objective = Objective.parse(getattr(args, "objective", None) or "val",
+                                                [s.name for s in base.mixture.sources])
+            from sparknet.adequacy import dry_run_lines
+
+            print("\n".join(dry_run_lines(base, objective=objective, cap=auto["cap"], margin=margin,
+                                          study_name=name, time_cap_s=auto["time_cap_s"])), flush=True)
     return {"study_name": name, "storage_url": url,
             "out_dir": Path(args.out) if args.out else None, "proxy_tokens": proxy, "timeout_s": timeout,
-            "heartbeat_s": args.heartbeat, "progress": args.progress}
+            "heartbeat_s": args.heartbeat, "progress": args.progress, "adequacy_margin": margin,
+            "adequacy_enforced": not getattr(args, "no_adequacy", False), "auto_budget": auto}
+
+
+def _stored_budget(url: str, name: str, heartbeat_s: int) -> dict[str, Any] | None:
+    """The user attrs of study `name` if it exists and has a budget stored; a SQLite file not there yet is not
+    created to find out."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None
+    quiet_optuna()
+    study = find_study(name, open_storage(url, heartbeat_s))
+    if study is None or "sparknet.proxy_tokens" not in study.user_attrs:
+        return None
+    return study.user_attrs
 
 
 def parse_duration(text: str | None) -> float | None:

@@ -231,6 +231,7 @@ class Worker:
             out = execute(cfg, progress=kind.progress, parent_run_id=parent_run_id, on_eval=on_eval, extra_tags=tags)
             stage = f"measuring {objective.metric}"
             metrics = objective.measure(out, cfg)
+            curve_refs = self._curve_references(frozen, cfg, curve, out)
         except (TrialPruned, Diverged) as exc:  # a bad config is a result: recorded, and the study goes on
             if self.ids.frozen(trial.number).state.is_finished():  # failed as stale meanwhile
                 print(f"trial {trial.number} diverged after another worker failed it as stale: {exc}", flush=True)
@@ -273,6 +274,14 @@ class Worker:
             target.set_user_attr("val_loss", {k: float(v) for k, v in out.result["val_loss"].items()})
             if "wikitext-valid/bpb" in metrics:
                 target.set_user_attr("wikitext_valid_bpb", metrics["wikitext-valid/bpb"])
+            for key, ref in reference_attrs(out.result).items():  # the verdict's (sparknet.adequacy)
+                target.set_user_attr(key, ref)
+            # What the learning curve needs to place each evaluation (`adequacy.eval_tokens`), and its end.
+            target.set_user_attr("eval_every_tokens", int(cfg.eval.every_tokens))
+            target.set_user_attr("batch_tokens", int(cfg.train.batch_tokens))
+            target.set_user_attr("train_tokens", int(out.result.get("tokens") or cfg.mixture.total_tokens))
+            if curve_refs:
+                target.set_user_attr("ref_bigram_by_eval", curve_refs)
             downstream = {r["task"]: {m: v for m, v in r["metrics"].items()} | {f"{m}_stderr": v for m, v in
                                                                                r["stderr"].items() if v == v}
                           for r in out.result.get("downstream") or []}
@@ -298,6 +307,24 @@ class Worker:
         print(f"trial {trial.number} complete: {objective.metric} {value:.4f}", flush=True)
         return "complete"
 
+    def _curve_references(self, frozen, cfg: RunConfig, curve: dict, out) -> dict[str, dict[str, float]]:
+        """For the study's learning-curve run (`kind.curve_run`): the bigram reference of a run of each evaluation's
+        budget, {eval index: {source: nats}} (`sparknet.adequacy.reference_curve`); {} otherwise, or when it cannot be
+        counted (a warning: the run's result is not lost over it)."""
+        if not curve or not self.kind.curve_run(frozen, cfg):
+            return {}
+        from sparknet.adequacy import eval_tokens, reference_curve
+
+        every, batch = cfg.eval.every_tokens, cfg.train.batch_tokens
+        budgets = {k: eval_tokens(int(k), every, batch) for k in curve}
+        budgets = {k: t for k, t in budgets.items() if t < int(out.result.get("tokens") or cfg.mixture.total_tokens)}
+        try:
+            return reference_curve(cfg, budgets)
+        except Exception as exc:  # noqa: BLE001  (a figure for the verdict's curve, never worth the trial)
+            print(f"warning: the learning curve's references were not counted: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            return {}
+
     def _log_to_child(self, cfg: RunConfig, run_id: str, metrics: dict[str, float]) -> None:
         """The objective's own number on the trial's MLflow run (the run itself logs only val/loss)."""
         from sparknet.tracking import log_to_run, resolve_uri
@@ -311,6 +338,24 @@ class Worker:
                        tags={"sparknet.tuned_on": tuned_on} if tuned_on else None, timeout_s=cfg.tracking.timeout_s)
         except SparknetError as exc:  # the study holds the value; MLflow missing it is not worth a failed trial
             print(f"warning: {exc}", file=sys.stderr, flush=True)
+
+
+def reference_attrs(result: dict) -> dict[str, Any]:
+    """The run's count-table references (`sparknet.references`) as a trial keeps them beside `val_loss`:
+    `val_ref_unigram`, `val_ref_bigram` ({source: nats/token}), and when WikiText-2 was scored against them,
+    `wikitext_valid_ref_unigram_bpb`, `wikitext_valid_ref_bigram_bpb` and the text's `wikitext_valid_tokens_per_byte`
+    (what converts the adequacy margin to bits per byte). A run without references (skipped) keeps none."""
+    out: dict[str, Any] = {}
+    for key in ("val_ref_unigram", "val_ref_bigram"):
+        if result.get(key):
+            out[key] = {k: float(v) for k, v in result[key].items()}
+    for key in ("wikitext_valid_ref_unigram_bpb", "wikitext_valid_ref_bigram_bpb"):
+        if result.get(key) is not None:
+            out[key] = float(result[key])
+    wv = (result.get("references") or {}).get("wikitext_valid") or {}
+    if wv.get("bytes") and wv.get("text_tokens"):
+        out["wikitext_valid_tokens_per_byte"] = wv["text_tokens"] / wv["bytes"]
+    return out
 
 
 class _CompleteCopy:

@@ -19,7 +19,9 @@ difference, not a study that silently mixes two questions.
 Exactly N finished trials, with any number of workers: a worker takes a trial only while finished + running < N,
 deciding under the per-study lock, so two workers never overshoot. When the study is complete, one worker writes
 the summary to `--out` (default experiments/<study>/: best.yaml, best_overrides.yaml, trials.csv, README.md, plots)
-and runs `--confirm`; the others say who does.
+and runs `--confirm`; the others say who does. The summary first states whether the baseline and the best trial
+learned past a bigram table of their own training tokens (`sparknet.adequacy`; the baseline is the learning curve
+that says how far short a budget is), and `--proxy-tokens auto` chooses the budget by probing the baseline once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from sparknet.adequacy import adequacy_section, plot_curve, run_pasts, study_verdict
 from sparknet.config import RunConfig, load_config, to_dict
 from sparknet.errors import SparknetError, cli_main
 from sparknet.objective import Objective
@@ -176,6 +179,11 @@ class Sweep(StudyKind):
             raise TrialPruned(f"pruned at {tokens:,} tokens: {self.objective.intermediate_metric} {value:.4f} is "
                               f"worse than the median of earlier trials at this point")
 
+    def curve_run(self, frozen, cfg: RunConfig) -> bool:
+        """The baseline (trial 0, the mixture's own config) is the sweep's learning curve (every trial evaluates along
+        the way; the references of each evaluation's budget are counted for this one only)."""
+        return bool(frozen.user_attrs.get("baseline"))
+
     def unbuildable_fix(self) -> str:
         return f"narrow {self.space.path} so that every combination is a valid config"
 
@@ -189,19 +197,39 @@ def make_sampler(space: Space, offset: int):
 
 
 def summary_frame(study, objective: Objective):
+    """One row per trial: its state, objective, parameters, and how far it is past its bigram reference on each slice
+    the objective reads (`past bigram <slice>`: reference minus loss, negative: not yet; `sparknet.adequacy`)."""
     import pandas as pd
 
     rows = []
     for t in study.get_trials(deepcopy=False):
         retry = t.system_attrs.get("failed_trial")
         note = t.user_attrs.get("reason", "") or (f"retry of trial {retry}" if retry is not None else "")
+        pasts = run_pasts(t.user_attrs, objective, 0.0) if t.state.name == "COMPLETE" else None
         rows.append({"trial": t.number, "state": t.state.name, objective.metric: t.value,
                      **{k: v for k, v in t.params.items()},
                      "baseline": bool(t.user_attrs.get("baseline")),
+                     **{f"past bigram {p.slice.removeprefix('val/')}": p.past for p in pasts or []},
                      "seconds": t.user_attrs.get("seconds"),
                      "note": note[:70]})
     df = pd.DataFrame(rows)
     return df.sort_values([objective.metric, "trial"], na_position="last").reset_index(drop=True) if len(df) else df
+
+
+def dry_run_text(sweep: Sweep) -> str:
+    """What the sweep would train: its trials, their budget and time at this machine's estimated speed."""
+    from sparknet.device import config_shape, describe_device, device_report
+
+    first = sweep.trial_config({}, 0)
+    eta = [line for line in device_report(first, config_shape(first), 1, describe_device(first, 1))
+           if line.startswith("eta")]
+    auto = sweep.auto_budget is not None and "chosen" not in sweep.auto_budget
+    return "\n".join([
+        f"sweep {sweep.study_name}: {sweep.n_trials} trials of {sweep.proxy_tokens:,} tokens"
+        + (" (the cap: --proxy-tokens auto chooses the budget first)" if auto else "")
+        + f", searching {', '.join(d.key for d in sweep.space.dims)} ({sweep.space.path}); minimizing "
+        f"{sweep.objective.metric}, pruned at {sweep.space.eval_points} evaluations a trial",
+        f"  a trial (the baseline): {eta[0] if eta else 'no time estimate for this device'}"])
 
 
 def command_line(sweep: Sweep) -> str:
@@ -213,9 +241,30 @@ def command_line(sweep: Sweep) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def reference_frame(study):
+    """trials.csv's reference columns, one row per completed trial: each source's count-table references
+    (`ref_unigram/<source>`, `ref_bigram/<source>`, nats/token) and WikiText-2's when scored
+    (`wikitext-valid/ref_unigram_bpb`, `wikitext-valid/ref_bigram_bpb`)."""
+    import pandas as pd
+
+    rows = []
+    for t in complete_trials(study):
+        a = t.user_attrs
+        row = {"trial": t.number}
+        row |= {f"ref_unigram/{k}": v for k, v in (a.get("val_ref_unigram") or {}).items()}
+        row |= {f"ref_bigram/{k}": v for k, v in (a.get("val_ref_bigram") or {}).items()}
+        for key in ("unigram", "bigram"):
+            if a.get(f"wikitext_valid_ref_{key}_bpb") is not None:
+                row[f"wikitext-valid/ref_{key}_bpb"] = a[f"wikitext_valid_ref_{key}_bpb"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_sweep_summary(sweep: Sweep, study) -> Summary:
     """Print the table, write the sweep's folder: best.yaml (the full config at the mixture's full budget),
-    best_overrides.yaml, trials.csv, README.md and Optuna's plots."""
+    best_overrides.yaml, trials.csv, README.md and Optuna's plots. The adequacy verdict (`sparknet.adequacy`) comes
+    first, in the terminal and at the top of the README; when the proxies have not learned past a bigram table, the
+    best trial is only the best measured one, and best.yaml says so."""
     objective = sweep.objective
     metric = objective.metric
     df = summary_frame(study, objective)
@@ -229,12 +278,23 @@ def write_sweep_summary(sweep: Sweep, study) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 
+    # Judged: the baseline (the recipe at this budget: its learning curve) and the best trial (the answer). A trial
+    # whose hyperparameters do not learn at this budget is a result of the sweep, not a sign that the proxy is small.
+    first = baseline or min(done, key=lambda t: t.number)
+    verdict = study_verdict(sweep, done, lambda t: t.number == first.number, lambda t: f"trial {t.number}"
+                            + (" (baseline)" if t.number == first.number else ""), noun="trials",
+                            judged=lambda t: t.number in (first.number, best.number),
+                            judged_text="a sweep judges its baseline (the recipe at this budget) and its best trial "
+                                        "(the answer); a trial whose hyperparameters do not learn at this budget is a "
+                                        "result of the sweep, listed in `past bigram` of the table")
+    print(("warning: " if verdict.blocks else "adequacy: ") + verdict.headline(), flush=True)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    caveat = " (the best measured; see the adequacy verdict above)" if verdict.blocks else ""
     if baseline is not None:
         gain = baseline.value - best.value
         print(f"best: trial {best.number} {metric} {best.value:.4f}; baseline (trial {baseline.number}) "
-              f"{baseline.value:.4f}: {gain:+.4f} {objective.unit} ({gain / baseline.value:+.2%})")
+              f"{baseline.value:.4f}: {gain:+.4f} {objective.unit} ({gain / baseline.value:+.2%}){caveat}")
     full = config_for(sweep.mixture, sweep.base_overrides, best.params)
     # Real config keys only (train.min_lr, never the pseudo-key min_lr_ratio), the user's overrides included:
     # applied to the mixture they give exactly best.yaml.
@@ -242,6 +302,10 @@ def write_sweep_summary(sweep: Sweep, study) -> Summary:
                                                                         best.params)
     tuned = (f"# Its {objective.tuned_on} figures are tuned (the study selected on them): report the test split.\n"
              if objective.tuned_on else "")
+    if verdict.blocks:  # after the tuned line (tools read the comment lines by position)
+        tuned += f"# Caveat: the best measured trial, not an answer: {verdict.headline()}\n"
+    refs = reference_frame(study)
+    csv = df.merge(refs, on="trial", how="left") if len(refs) else df
     files = [write_text(out_dir / "best_overrides.yaml",
                         f"# Best trial {best.number} of study {sweep.study_name}: {metric} {best.value:.4f} at "
                         f"{sweep.proxy_tokens:,} tokens.\n# The keys that turn {sweep.mixture} into best.yaml:\n"
@@ -252,10 +316,13 @@ def write_sweep_summary(sweep: Sweep, study) -> Summary:
                         f"# The best config of study {sweep.study_name} ({metric}) at the mixture's full budget.\n"
                         f"# Train it: python -m sparknet.run {out_dir / 'best.yaml'}\n" + tuned
                         + yaml.safe_dump(to_dict(full), sort_keys=False)),
-             write_csv(out_dir / "trials.csv", df)]
+             write_csv(out_dir / "trials.csv", csv)]
     wik = study.user_attrs.get("sparknet.objective_data") or {}
+    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", sweep.study_name)
     files.append(write_text(out_dir / "README.md",
-        f"# Sweep {sweep.study_name}\n\nQuestion: best {', '.join(d.key for d in sweep.space.dims)} for "
+        f"# Sweep {sweep.study_name}\n\n" + (f"> **Not an answer about hyperparameters.** {verdict.headline()}\n\n"
+                                              if verdict.blocks else "")
+        + f"Question: best {', '.join(d.key for d in sweep.space.dims)} for "
         f"`{sweep.mixture}` at a {sweep.proxy_tokens:,}-token proxy budget, minimizing {metric} "
         f"({objective.unit}"
         + (f"; pruned on {objective.intermediate_metric}" if objective.intermediate_metric != metric else "")
@@ -264,17 +331,20 @@ def write_sweep_summary(sweep: Sweep, study) -> Summary:
         f"Command: `{command_line(sweep)}`\n\n"
         f"MLflow experiment: `{sweep.study_name}` (parent run {study.user_attrs.get('mlflow_parent_run_id')}).\n\n"
         + markdown_table(df) + "\n\n"
-        + (f"Best: trial {best.number}, {metric} {best.value:.4f}"
+        + (f"Best{' measured' if verdict.blocks else ''}: trial {best.number}, {metric} {best.value:.4f}"
            + (f"; baseline {baseline.value:.4f} ({baseline.value - best.value:+.4f} {objective.unit})." if baseline
               else ".")
-           + " Full-budget config: `best.yaml`.\n")))
-    plots = optuna_plots(study, out_dir, metric)
+           + " Full-budget config: `best.yaml`.\n\n")
+        + adequacy_section(verdict, curve_png, sweep.auto_budget)))
+    plots = optuna_plots(study, out_dir, metric) + ([curve_png] if curve_png else [])
     c = counts(study)
     metrics = {"best_value": best.value, "trials_complete": c["COMPLETE"], "trials_pruned": c["PRUNED"],
                "trials_failed": c["FAIL"]} | ({"baseline_value": baseline.value} if baseline else {})
     result = {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
-              "baseline_value": baseline.value if baseline else None, "dir": str(out_dir)}
-    return Summary(result, metrics, {"sparknet.best_trial": str(best.number)}, [*plots, *files],
+              "baseline_value": baseline.value if baseline else None, "dir": str(out_dir),
+              "adequacy": verdict.to_dict()}
+    tags = {"sparknet.best_trial": str(best.number), "sparknet.adequate": str(verdict.adequate).lower()}
+    return Summary(result, metrics, tags, [*plots, *files],
                    "best.yaml, best_overrides.yaml, trials.csv, README.md, plots")
 
 
@@ -294,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                          "wikitext-valid (WikiText-2 validation bits per byte of the final model; pruned on val) "
                          "(default: the space's objective, else val)")
     ap.add_argument("--trials", type=int, default=20, help="finished trials the study should end with (default 20)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the study's plan (and with --proxy-tokens auto, what the probe would do and its time); "
+                         "train nothing")
     args = ap.parse_intermixed_args(argv)
     if args.trials < 1:
         raise SparknetError(f"--trials: must be >= 1, got {args.trials} (fix: --trials 20)")
@@ -310,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     except SparknetError as exc:
         raise SparknetError(f"{'--objective' if args.objective else f'{space.path}: objective'}: {exc}") from None
     sweep = Sweep(mixture=mixture, space=space, base_overrides=list(args.overrides), n_trials=args.trials,
-                  objective=objective, **study_settings(args, budget, base, f"{base.name}-{Path(args.space).stem}"))
+                  objective=objective, **study_settings(args, budget, base, f"{base.name}-{Path(args.space).stem}",
+                                                        objective=objective))
+    if args.dry_run:
+        print(dry_run_text(sweep))
+        return 0
     # Before any trial trains: WikiText-2 validation must be readable if it is the objective, and the held-out slices
     # it reads must hold a window once prepared (every trial trains on the same stores: prepared here, once).
     first = sweep.trial_config({}, 0)

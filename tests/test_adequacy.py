@@ -1,0 +1,232 @@
+"""Whether a proxy is big enough to answer (`sparknet.adequacy`), on generated text whose structure a count table
+cannot hold: two local jsonl sources, each a second-order Markov chain over 32 letters (the previous letter narrows the
+next to 4, the one before picks among them 90% of the time), tokenized byte by byte (a BPE of 257 tokens: no merges).
+A bigram table gets ~1.8 nats/token; a model that learns the rule gets well under it: cpu-tiny does past ~50k tokens.
+
+- A 4k-token leave-one-out ablation is flagged at the top of its README and in the terminal, with no effect sentences
+  and no fit, the learning curve plotted, and best.yaml the best measured point with the caveat.
+- `--proxy-tokens auto` picks a budget within a factor of two of the crossing a brute-force sweep of budgets finds
+  (runs at 32k, 64k, 128k tokens, each with its own schedule); its study is not flagged and concludes; a rerun keeps
+  the budget (no probe).
+- The power-law extrapolation recovers N on a synthetic curve, and says "not within 100x" when the curve flattens
+  above the reference.
+Bad inputs (a cap below one optimizer step, a negative margin, --auto-cap without auto) are rows of
+tests/test_bad_inputs.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sparknet.ablate import main as ablate_main
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz012345"
+
+# In-process runs on a busy 2-core machine: one torch thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def chain_documents(seed: int, chars: int, *, k: int = 4, p: float = 0.9, doc_chars: int = 400) -> list[str]:
+    """Documents of a second-order Markov chain: after (a, b) comes successor[b][a mod k] with probability p, else a
+    uniform letter."""
+    rng = np.random.default_rng(seed)
+    v = len(LETTERS)
+    successor = np.array([rng.choice(v, k, replace=False) for _ in range(v)])
+    docs = []
+    for _ in range(-(-chars // doc_chars)):
+        a, b = int(rng.integers(v)), int(rng.integers(v))
+        out = [a, b]
+        for _ in range(doc_chars - 2):
+            c = int(successor[b][a % k]) if rng.random() < p else int(rng.integers(v))
+            out.append(c)
+            a, b = b, c
+        docs.append("".join(LETTERS[i] for i in out))
+    return docs
+
+
+def write_lab(folder: Path) -> Path:
+    """Two chain sources (a, b: different successor tables) and a tiny recipe over them; returns the mixture file."""
+    for name, seed in (("a", 1), ("b", 2)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "part.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in chain_documents(seed, 400_000)))
+    cfg = {"lab_dir": str(folder / "lab"),
+           "mixture": {"total_tokens": 131072, "val_tokens": 4096, "sources": [
+               {"name": n, "kind": "local", "path": str(folder / n), "weight": 0.5, "max_repeats": 4} for n in "ab"]},
+           "tokenizer": {"name": "bpe", "vocab_size": 257, "train_bytes_per_source": 100_000},
+           "model": {"preset": "cpu-tiny", "n_positions": 64},
+           "train": {"seq_len": 64, "micro_batch_size": 8, "batch_tokens": 512, "lr": 3e-3, "min_lr": 3e-4,
+                     "checkpoint_minutes": 0},
+           "eval": {"val_tokens": 2048, "sample_tokens": 4, "sample_prompts": ["a"], "wikitext": [], "downstream": []},
+           "prepare": {"workers": 1, "shard_tokens": 65536},
+           "tracking": {"enabled": False}}
+    path = folder / "chain.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return write_lab(tmp_path_factory.mktemp("adequacy"))
+
+
+def ablate(mix: Path, study: str, *extra: str) -> tuple[int, str]:
+    out = StringIO()
+    with redirect_stdout(out):
+        code = ablate_main([str(mix), "--study", study, "--out", str(mix.parent / "experiments" / study),
+                            "--objective", "val", *extra])
+    return code, out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_extrapolation_recovers_n_on_a_synthetic_curve_and_says_when_it_is_out_of_reach():
+    from sparknet.adequacy import EXTRAPOLATE, Curve, crossing, fmt_tokens
+
+    proxy = 1_000_000
+    tokens = np.array([proxy * (i + 1) / 8 for i in range(8)])
+
+    def loss(d):
+        return 1.0 + 300 * d ** -0.35
+
+    def ref(d):
+        return 2.0 + 40 * d ** -0.25
+
+    grid = np.geomspace(1e4, 1e10, 400_000)
+    for scale, within in ((300, 0.05), (560, 0.2)):  # crossing at ~1.4x the proxy budget, and at ~20x
+        truth = grid[np.argmax(ref(grid) - (1.0 + scale * grid ** -0.35) >= 0.05)]
+        found, covered = [], 0
+        for seed in range(20):  # measured with noise: the estimate is close, and its 90% interval covers the truth
+            rng = np.random.default_rng(seed)
+            curve = Curve(tokens, {"a": 1.0 + scale * tokens ** -0.35 + rng.normal(0, 0.004, 8)},
+                          {"a": ref(tokens) + rng.normal(0, 0.002, 8)})
+            e = crossing(curve, {"a": 0.05}, proxy, boot=100)
+            found.append(e.tokens / truth)
+            covered += e.low <= truth <= e.high
+        assert abs(np.median(found) - 1) < within / 2 and max(abs(np.array(found) - 1)) < within, (truth, found)
+        assert covered >= 14, covered
+    e = crossing(curve, {"a": 0.05}, proxy, boot=100)
+    assert e.method.startswith("loss: power law with a floor")
+    assert e.text() == f"about {fmt_tokens(e.tokens)} tokens ({fmt_tokens(e.low)}..{fmt_tokens(e.high)})"
+
+    # Four budgets or fewer: a pure power law (log-log linear), and it says so.
+    short = Curve(tokens[-3:], {"a": curve.loss["a"][-3:]}, {"a": curve.ref["a"][-3:]})
+    assert "log-log linear" in crossing(short, {"a": 0.05}, proxy, boot=20).method
+
+    # A loss that flattens above the reference never crosses: not within 100x.
+    flat = Curve(tokens, {"a": 2.3 + 300 * tokens ** -0.35}, {"a": ref(tokens)})
+    e = crossing(flat, {"a": 0.05}, proxy, boot=20)
+    assert e.tokens is None and e.text() == f"not within {EXTRAPOLATE}x this budget (100M tokens)"
+
+
+def test_a_4k_token_proxy_is_flagged_and_concludes_nothing(lab, capsys):
+    code, out = ablate(lab, "small", "--design", "leave-one-out", "--proxy-tokens", "4096")
+    assert code == 0, out[-3000:]
+    folder = lab.parent / "experiments" / "small"
+    readme = (folder / "README.md").read_text()
+    flag = "The proxies have not learned past a bigram table (by "
+    assert readme.splitlines()[2].startswith(f"> **Not an answer about data.** {flag}"), readme[:600]
+    assert "differences between points reflect optimization, not data; " in readme
+    assert "raise --proxy-tokens" in readme.splitlines()[2]  # how far: about N, or not within 100x at this rate
+    lines = out.splitlines()
+    warned = next(i for i, line in enumerate(lines) if line.startswith("warning: "))
+    assert lines[warned].startswith(f"warning: {flag}") and warned < lines.index(next(x for x in lines if "mixture" in x and "past bigram a" in x))
+    # No effect sentences, no effects table, no fit, no predicted best: only the measured table.
+    assert "Removing " not in readme and "## Fitted model" not in readme and "Predicted best" not in readme
+    assert "## Which source helps which metric" not in readme and not (folder / "effects.csv").exists()
+    assert "Removing " not in out and "fit: not fitted" in out
+    assert "past bigram a" in readme and "past bigram b" in readme  # the column, per source (negative: not yet)
+    assert (folder / "learning_curve.png").stat().st_size > 0 and "learning_curve.png" in readme
+    best = (folder / "best.yaml").read_text().splitlines()
+    assert any(line.startswith("# Caveat: the best measured point, not an answer:") for line in best[:5])
+    import pandas as pd
+
+    runs = pd.read_csv(folder / "results.csv")
+    assert {"ref_unigram/a", "ref_bigram/b", "past_bigram/a"} <= set(runs.columns)
+    assert (runs["past_bigram/a"] == runs["ref_bigram/a"] - runs["val/loss/a"]).all()
+    assert (runs[[c for c in runs if c.startswith("past_bigram/")]] < 0.05).any(axis=None)
+
+
+def _crossing_by_brute_force(lab: Path) -> int:
+    """The smallest of 32k, 64k, 128k tokens at which a run of the base mixture (its own schedule) is past its bigram
+    reference by the margin on both held-out slices."""
+    from sparknet.adequacy import MARGIN
+    from sparknet.config import load_config
+    from sparknet.run import execute
+
+    for budget in (32768, 65536, 131072):
+        cfg = load_config(lab, [f"mixture.total_tokens={budget}", f"eval.every_tokens={budget}", f"name=brute{budget}"])
+        r = execute(cfg, progress=False).result
+        if all(r["val_ref_bigram"][s] - r["val_loss"][s] >= MARGIN for s in "ab"):
+            return budget
+    raise AssertionError("no budget up to 128k got past the bigram reference")
+
+
+def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
+    import optuna
+
+    brute = _crossing_by_brute_force(lab)
+    design = lab.parent / "two.yaml"  # both sources in every point: each held-out slice is in its points' training
+    design.write_text(yaml.safe_dump({"points": [{"name": "even", "weights": {"a": 0.5, "b": 0.5}},
+                                                 {"name": "more a", "weights": {"a": 0.7, "b": 0.3}}]}))
+    argv = ["--design", str(design), "--proxy-tokens", "auto", "--auto-cap", "256k"]
+    code, out = ablate(lab, "auto", *argv)
+    assert code == 0, out[-3000:]
+    study = optuna.load_study(study_name="auto", storage=f"sqlite:///{lab.parent / 'lab' / 'optuna.db'}")
+    chosen = study.user_attrs["sparknet.proxy_tokens"]
+    auto = study.user_attrs["sparknet.proxy_auto"]
+    assert auto["crossed"] and auto["chosen"] == chosen and chosen % 512 == 0
+    assert brute / 2 <= chosen <= brute * 2, (chosen, brute, auto["curve"])
+    assert f"--proxy-tokens auto: {chosen:,} tokens for every run" in out
+    readme = (lab.parent / "experiments" / "auto" / "README.md").read_text()
+    assert "Not an answer" not in readme and "Every run is past its bigram reference by at least the margin" in readme
+    assert "## What it says" in readme and "The best measured mixture is" in readme
+    assert "The budget was chosen by `--proxy-tokens auto`" in readme
+
+    # Rerun: the study keeps the budget it chose, and nothing is probed again.
+    code, out = ablate(lab, "auto", *argv)
+    assert code == 0 and "probe" not in out.replace("not probing again", ""), out[-2000:]
+    assert f"study auto has its budget stored, {chosen:,} tokens; using it, not probing again" in out
+    assert optuna.load_study(study_name="auto", storage=f"sqlite:///{lab.parent / 'lab' / 'optuna.db'}"
+                             ).user_attrs["sparknet.proxy_tokens"] == chosen
+
+
+def test_the_verdict_reads_the_slices_its_objective_reads():
+    from sparknet.adequacy import Curve, RunCheck, judge, run_pasts
+    from sparknet.objective import Objective
+
+    attrs = {"val_loss": {"a": 1.5, "b": 2.0}, "val_ref_bigram": {"a": 1.8, "b": 1.9},
+             "wikitext_valid_bpb": 1.2, "wikitext_valid_ref_bigram_bpb": 1.3, "wikitext_valid_tokens_per_byte": 0.25}
+    names = ["a", "b"]
+    for text, adequate in (("val/a", True), ("val/b", False), ("val", False), ("wikitext-valid", True)):
+        obj = Objective.parse(text, names)
+        v = judge([RunCheck("base", True, run_pasts(attrs, obj, 0.05))], obj, 0.05, 4096)
+        assert v.adequate is adequate, (text, v.headline())
+    obj = Objective.parse("wikitext-valid", names)
+    (p,) = run_pasts(attrs, obj, 0.05)
+    assert p.margin == pytest.approx(0.05 / math.log(2) * 0.25) and p.unit == "bits/byte"
+    v = judge([RunCheck("base", True, run_pasts(attrs, Objective.parse("val", names), 0.05))],
+              Objective.parse("val", names), 0.05, 4096, enforced=False)
+    assert not v.blocks and v.headline().startswith("Adequacy not enforced (--no-adequacy): the proxies have not")
+    assert "by 0.100 nats at the base point, on val/b" in v.headline()
+    none = judge([RunCheck("old", True, run_pasts({"val_loss": {"a": 1.0}}, obj, 0.05))], obj, 0.05, 4096)
+    assert none.adequate is None and not none.blocks  # runs from before the references: said, not judged
+
+    # WikiText-2 short of its margin: N from the held-out slices' mean curve, moved by WikiText-2's own gap.
+    tokens = np.array([512.0 * (i + 1) for i in range(8)])
+    curve = Curve(tokens, {s: 1.0 + 300 * tokens ** -0.35 for s in names}, {s: 2.0 + 40 * tokens ** -0.25 for s in names})
+    final = {"val_loss": {s: float(curve.loss[s][-1]) for s in names},
+             "val_ref_bigram": {s: float(curve.ref[s][-1]) for s in names}}
+    short = dict(final, wikitext_valid_bpb=1.4, wikitext_valid_ref_bigram_bpb=1.3, wikitext_valid_tokens_per_byte=0.25)
+    v = judge([RunCheck("base", True, run_pasts(short, obj, 0.05))], obj, 0.05, 4096, curve=curve)
+    assert v.blocks and v.estimate is not None and v.estimate.series == "mean" and v.estimate.tokens > 4096
+    assert "by 0.100 bits/byte at the base point, on wikitext-valid" in v.headline()
+    assert any("WikiText-2 is scored only at the end" in line for line in v.details())
