@@ -105,6 +105,7 @@ def _means(trials, names) -> dict[tuple[float, ...], float]:
     return {w: float(np.mean(v)) for w, v in by.items()}
 
 
+@pytest.mark.slow
 def test_a_transfer_retrains_the_chosen_points_and_says_whether_the_ranking_holds(lab, small):
     import pandas as pd
     from scipy.stats import spearmanr
@@ -181,6 +182,7 @@ def test_the_transfer_section_survives_a_rewritten_readme_and_is_replaced_not_ap
     assert with_section("", f"{BEGIN}\nx\n{END}") == f"{BEGIN}\nx\n{END}\n"
 
 
+@pytest.mark.slow
 def test_one_more_source_reuses_exactly_the_points_that_apply_and_measures_the_added_source(lab, small):
     from sparknet.ablate_reuse import held_out_losses
     from sparknet.config import load_config
@@ -237,6 +239,7 @@ def test_one_more_source_reuses_exactly_the_points_that_apply_and_measures_the_a
            f"more is reused" in again
 
 
+@pytest.mark.slow
 def test_with_the_mixtures_own_bpe_nothing_is_reused_and_one_line_says_why(lab, small):
     # A study on the mixture's own BPE (created, not trained: --timeout stops it before its first run), then a study
     # with one more source, which trains another BPE: nothing of the first applies.
@@ -251,6 +254,7 @@ def test_with_the_mixtures_own_bpe_nothing_is_reused_and_one_line_says_why(lab, 
                      "be reused); all 6 runs will train"]
 
 
+@pytest.mark.slow
 def test_a_study_two_sources_away_is_a_one_line_error(lab, small, capsys):
     import optuna
 

@@ -170,6 +170,7 @@ def _crossing_by_brute_force(lab: Path) -> int:
     raise AssertionError("no budget up to 128k got past the bigram reference")
 
 
+@pytest.mark.slow
 def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
     import optuna
 

@@ -203,6 +203,7 @@ def _docs(prefix: str, n: int) -> list[str]:
     return [f"{prefix} item {i}: " + " ".join(f"{prefix}{j}" for j in range(i % 13 + 5)) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_references(tmp_path, write_jsonl, one_torch_thread, capsys):
     """A tiny run on two local sources (a 512-token BPE), a budget that cuts its last sequence, and a local
     WikiText-2 validation file: its MLflow run, result and folder hold the references of a direct count."""
