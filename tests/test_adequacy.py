@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tinylab import tiny_mixture
 
 from sparknet.ablate import main as ablate_main
 
@@ -57,16 +58,11 @@ def write_lab(folder: Path) -> Path:
         (folder / name).mkdir(parents=True)
         (folder / name / "part.jsonl").write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in chain_documents(seed, 400_000)))
-    cfg = {"lab_dir": str(folder / "lab"),
-           "mixture": {"total_tokens": 131072, "val_tokens": 4096, "sources": [
-               {"name": n, "kind": "local", "path": str(folder / n), "weight": 0.5, "max_repeats": 4} for n in "ab"]},
-           "tokenizer": {"name": "bpe", "vocab_size": 257, "train_bytes_per_source": 100_000},
-           "model": {"preset": "cpu-tiny", "n_positions": 64},
-           "train": {"seq_len": 64, "micro_batch_size": 8, "batch_tokens": 512, "lr": 3e-3, "min_lr": 3e-4,
-                     "checkpoint_minutes": 0},
-           "eval": {"val_tokens": 2048, "sample_tokens": 4, "sample_prompts": ["a"], "wikitext": [], "downstream": []},
-           "prepare": {"workers": 1, "shard_tokens": 65536},
-           "tracking": {"enabled": False}}
+    cfg = tiny_mixture(mixture={"sources": [{"name": n, "kind": "local", "path": str(folder / n), "weight": 0.5,
+                                             "max_repeats": 4} for n in "ab"]},
+                       tokenizer={"vocab_size": 257, "train_bytes_per_source": 100_000},
+                       eval={"sample_prompts": ["a"]}, tracking={"enabled": False})
+    cfg["lab_dir"] = str(folder / "lab")
     path = folder / "chain.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
