@@ -9,7 +9,7 @@ Before any of that, the adequacy verdict (`sparknet.adequacy`): when the proxies
 on the slices the objective reads, the README and the terminal say so first, and the summary concludes nothing: no
 effect sentences, no effects table, no fit; best.yaml is the best measured point, with that caveat in its comment.
 
-`abl` below is a `sparknet.ablate.Ablation` (its design, sources, seeds, objective and configs).
+`abl` below is a `sparknet.ablation.Ablation` (its design, sources, seeds, objective and configs).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from sparknet.ablate_effects import effects_frame, effects_markdown
+from sparknet.ablate_sections import transfer_section
 from sparknet.ablate_stats import Difference, fmt_p, holm, noise_note, significant, summarize, welch_from_stats
 from sparknet.adequacy import plot_curve
 from sparknet.config import load_config, to_dict
@@ -625,8 +626,6 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
         lines += ["## Which source helps which metric", "",
                   "Held-out losses per source and each downstream task's correct-answer bpb on its report items "
                   "(the items no study selects by; `effects.csv` has every number).", "", effects_md, ""]
-    from sparknet.ablate_transfer import transfer_section  # here: ablate_transfer reads this module's frames
-
     transfer = transfer_section(study.user_attrs)  # a finished --transfer of this study survives a rewrite
     if transfer:
         lines += [transfer, ""]

@@ -21,7 +21,7 @@ study's store of that source, with the run's accelerator), and named in `reused_
 dropped. The objective is recomputed with the new sources (the mean held-out loss changes when a source is added), or
 kept from the old trial when it is the same objective on the same data, else measured on the final model.
 
-Only the reuse is new: the study is a plain `sparknet.ablate.Ablation` (same identity, workers, resume), whose
+Only the reuse is new: the study is a plain `sparknet.ablation.Ablation` (same identity, workers, resume), whose
 `before_create` measures the reused runs once the stores are prepared and whose `queue` adds them before queueing
 the runs that still train.
 """
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from sparknet.ablate import Ablation
 from sparknet.ablate_transfer import existing_study
+from sparknet.ablation import Ablation
 from sparknet.errors import SparknetError
 
 

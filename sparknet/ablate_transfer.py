@@ -12,7 +12,7 @@ objective, and says whether the order of the mixtures holds:
   point, the base mixture (the mixture file's own weights), and K more points spread over the measured ranking
   (`--transfer-points K`, evenly spaced ranks from the best remaining to the worst; the default gives about 6-8 runs in
   all: `default_spread`);
-- the retraining is itself a study: a plain `sparknet.ablate` Ablation over those points (written as a design file,
+- the retraining is itself a study: a plain `sparknet.ablation.Ablation` over those points (written as a design file,
   `points.yaml`), named `<study>-transfer-5x` (a hash of the overrides appended when there are any), on the same
   storage, with its own folder `<study folder>/transfer-5x/`. So workers, resume and "a rerun trains nothing" are the
   ablation's own;
@@ -20,9 +20,9 @@ objective, and says whether the order of the mixtures holds:
   budgets' mean objectives over the points measured at both, and the decision accuracy of every pair of them
   (DataDecide: the fraction of pairs ordered the same way at both budgets), also split by whether the pair's
   proxy-budget difference is beyond seed noise (Welch 95% interval excluding 0) or inside it. Stored in the original
-  study's user attrs (`sparknet.transfer`, one entry per transfer study), rendered by `transfer_section` into a marked
-  "Transfer" section of the study's README.md (replaced in place on every rerun) and written to `transfer.csv`
-  beside it (one row per transfer and point).
+  study's user attrs (`sparknet.transfer`, one entry per transfer study), rendered by
+  `sparknet.ablate_sections.transfer_section` into a marked "Transfer" section of the study's README.md (replaced in
+  place on every rerun) and written to `transfer.csv` beside it (one row per transfer and point).
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from sparknet.ablate_report import points_frame, results_frame
+from sparknet.ablate_sections import TRANSFER_ATTR, pair_fraction, transfer_section, with_section
+from sparknet.ablation import Ablation, base_weights, dry_run_text
 from sparknet.errors import SparknetError
 
-TRANSFER_ATTR = "sparknet.transfer"  # the original study's user attr: {transfer study name: result}
-BEGIN = "<!-- sparknet:transfer:begin (written by python -m sparknet.ablate --transfer; rerunning it replaces this) -->"
-END = "<!-- sparknet:transfer:end -->"
-_BEGIN_RE = re.compile(r"<!-- sparknet:transfer:begin[^>]*-->")
-VARIES = {"init": "the model initialization only", "data": "the data order only",
-          "both": "both model initialization and data order"}
 ROLE_BEST_YAML = "best.yaml"
 PERMUTATIONS = 9999  # for the rank correlation's p-value: exact up to 7 points (7! = 5,040)
 ROLE_BEST_MEASURED = "best measured"
@@ -91,9 +88,8 @@ def _mixture_path(stored: str, flag: str, name: str) -> str:
 
 
 def ablation_of(study, storage_url: str, *, flag: str, out_dir: Path | None = None, heartbeat_s: int = 60):
-    """The `sparknet.ablate.Ablation` a stored ablation study was run as (its mixture, overrides, points, seeds,
+    """The `sparknet.ablation.Ablation` a stored ablation study was run as (its mixture, overrides, points, seeds,
     objective, proxy budget), checked against the study's stored recipe: a mixture file changed since is an error."""
-    from sparknet.ablate import Ablation
     from sparknet.config import load_config
     from sparknet.designs import Point
     from sparknet.objective import Objective
@@ -158,8 +154,6 @@ def _same(a, b) -> bool:
 def choose_points(abl, study, k: int | None) -> list[Chosen]:
     """The study's answer (best.yaml), its best measured point, the base mixture, then K points spread evenly over
     the remaining measured ranking (from the best remaining to the worst); a mixture in several roles once."""
-    from sparknet.ablate import base_weights
-    from sparknet.ablate_report import points_frame, results_frame
     from sparknet.config import load_config, read_yaml
 
     metric = abl.objective.metric
@@ -319,8 +313,6 @@ def compare(small: list[dict | None], large: list[dict | None]) -> dict[str, Any
 def transfer_result(orig, orig_study, tabl, tstudy, chosen: list[Chosen], label: str,
                     extra: list[str]) -> dict[str, Any]:
     """What the original study keeps of one transfer (JSON): the points with both budgets' means, the comparison."""
-    from sparknet.ablate_report import points_frame, results_frame
-
     metric = orig.objective.metric
     small_pts = points_frame(orig, results_frame(orig, orig_study))
     large_pts = points_frame(tabl, results_frame(tabl, tstudy))
@@ -342,111 +334,7 @@ def transfer_result(orig, orig_study, tabl, tstudy, chosen: list[Chosen], label:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the study's README and transfer.csv say
-
-
-def _frac(pair: list[int]) -> str:
-    a, n = pair
-    return f"{a} of {n} pair{'s' if n != 1 else ''} ({a / n:.2f})" if n else "no pairs"
-
-
-def _stat(side: Mapping[str, Any] | None) -> str:
-    if side is None:
-        return "not measured"
-    sd = side.get("sd")
-    return f"{side['mean']:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" ({side['n']})"
-
-
-def _who(p: Mapping[str, Any]) -> str:
-    """A point's name, and its roles where they say more."""
-    roles = [r for r in p["roles"] if r != p["name"]]
-    return p["name"] + (f" ({', '.join(roles)})" if roles else "")
-
-
-def _one_transfer(r: Mapping[str, Any]) -> list[str]:
-    from sparknet.ablate_stats import ALPHA
-
-    unit, metric = r["unit"], r["metric"]
-    small_b, large_b = f"{r['proxy_tokens']:,}", f"{r['budget_tokens']:,}"
-    names = list(r["points"][0]["weights"]) if r["points"] else []
-    what = f"{r['budget_tokens'] / r['proxy_tokens']:.3g}x the {small_b}-token proxy budget"
-    over = f", with {' '.join(f'`{o}`' for o in r['overrides'])}" if r["overrides"] else ""
-    lines = [f"### {r['label']}: {large_b} tokens{over} (study `{r['study']}`)", "",
-             f"Retrained at {large_b} tokens ({what}){over}, with the study's seeds ({r['seeds']} per point, varying "
-             f"{VARIES.get(r['seed_vary'], r['seed_vary'])}) and objective "
-             f"{metric}: the study's answer (best.yaml), its best measured point, the base mixture and points spread "
-             f"over its measured ranking. The transfer study's own answer is in `{r['folder']}/`; every number here is "
-             f"in `transfer.csv`.", "",
-             f"| mixture | role | {' | '.join(f'w {n}' for n in names)} | {metric} at {small_b} (mean ± sd (seeds)) "
-             f"| rank | at {large_b} | rank |",
-             "|---|---|" + "---:|" * len(names) + "---:|---:|---:|---:|"]
-    for p in r["points"]:
-        lines.append(f"| {p['name']} | {', '.join(p['roles'])} | "
-                     + " | ".join(f"{p['weights'][n]:.3f}" for n in names)
-                     + f" | {_stat(p['small'])} | {p['small_rank'] or ''} | {_stat(p['large'])} | "
-                       f"{p['large_rank'] or ''} |")
-    lines.append("")
-    n = r["n"]
-    facts = []
-    if r["spearman"] is not None:
-        sig = r["spearman_p"] < ALPHA
-        facts.append(f"Spearman's rank correlation between the two budgets' means over the {n} points measured at "
-                     f"both: {r['spearman']:+.2f} (scipy.stats.spearmanr; {r.get('spearman_p_method') or 'p'} p = "
-                     f"{r['spearman_p']:.2g}); with {n} points "
-                     + ("it is distinguishable from no correlation at the 5% level."
-                        if sig else "it is not distinguishable from no correlation at the 5% level"
-                        + (f" (no ranking of {n} points can be: the smallest exact p is 2/{n}! = "
-                           f"{2 / math.factorial(n):.2g}; more points, --transfer-points, can)."
-                           if 2 / math.factorial(n) >= ALPHA else ".")))
-    else:
-        facts.append(f"{n} point{'s' if n != 1 else ''} measured at both budgets"
-                     + (" with differing values" if n >= 3 else "") + ": too few for a rank correlation.")
-    pairs = r["pairs"]
-    if pairs["all"][1]:
-        text = (f"Decision accuracy (as DataDecide measures it: the fraction of pairs of points ordered the same way "
-                f"at both budgets): {_frac(pairs['all'])}.")
-        if pairs["separated"][1] or pairs["noise"][1]:
-            text += (f" Pairs whose {small_b}-token difference is beyond seed noise (Welch 95% interval excluding 0): "
-                     f"{_frac(pairs['separated'])}; inside seed noise: {_frac(pairs['noise'])}.")
-        if pairs["unmeasured"][1]:
-            text += (f" {pairs['unmeasured'][1]} pair{'s' if pairs['unmeasured'][1] != 1 else ''} with a point of "
-                     f"fewer than two seeds: seed noise not measured.")
-        facts.append(text)
-    have = [p for p in r["points"] if p["large"] is not None]
-    if have:
-        top = min(have, key=lambda p: p["large"]["mean"])
-        facts.append(f"Best at {large_b} tokens: {_who(top)}, {top['large']['mean']:.4f} {unit}.")
-    for p in r["points"]:
-        if p["small"] is None and p["large"] is not None:
-            facts.append(f"{_who(p)} was not measured at the proxy budget: at {large_b} tokens it ranks "
-                         f"{p['large_rank_all']} of {len(have)} ({p['large']['mean']:.4f}).")
-        if p["large"] is None:
-            facts.append(f"{_who(p)} has no finished run at {large_b} tokens (failed or diverged: see `"
-                         f"{r['folder']}/README.md`).")
-    return lines + [f"- {f}" for f in facts] + [""]
-
-
-def transfer_section(attrs: Mapping[str, Any]) -> str:
-    """The README's "Transfer" section (markdown between its markers) from a study's user attrs, or "" when no
-    transfer of the study has finished. For `sparknet.ablate_report.readme`: `transfer_section(study.user_attrs)`."""
-    results = (attrs or {}).get(TRANSFER_ATTR) or {}
-    if not results:
-        return ""
-    lines = [BEGIN, "## Transfer", "",
-             "Does the ranking hold at a larger budget or model? Each transfer retrains some of the study's mixtures "
-             "(`python -m sparknet.ablate --transfer`) and compares their order with the proxy budget's.", ""]
-    for key in sorted(results, key=lambda k: (results[k]["budget_tokens"], k)):
-        lines += _one_transfer(results[key])
-    return "\n".join([*lines, END])
-
-
-def with_section(text: str, section: str) -> str:
-    """`text` with its marked transfer section replaced by `section` (inserted at the end when it has none)."""
-    m = _BEGIN_RE.search(text)
-    if m and END in text[m.end():]:
-        end = text.index(END, m.end()) + len(END)
-        return text[:m.start()] + section + text[end:]
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+# transfer.csv, and the README's Transfer section (rendered by sparknet.ablate_sections)
 
 
 def transfer_frame(attrs: Mapping[str, Any]):
@@ -509,7 +397,6 @@ def _adequacy(args, kind) -> dict[str, Any]:
 
 def transfer_main(args, argv: list[str]) -> int:
     """`python -m sparknet.ablate --transfer STUDY --budget 5x ...` (args: sparknet.ablate's parsed flags)."""
-    from sparknet.ablate import Ablation, dry_run_text
     from sparknet.config import load_config
     from sparknet.designs import Point
     from sparknet.study import check_out_folder, parse_budget, parse_study_name
@@ -625,8 +512,8 @@ def transfer_main(args, argv: list[str]) -> int:
            else "no rank correlation (too few points)")
     pairs = result["pairs"]
     print(f"transfer {tname}: over {result['n']} points measured at both budgets, {rho}; decision accuracy "
-          f"{_frac(pairs['all'])}; beyond seed noise at the proxy budget {_frac(pairs['separated'])}, inside it "
-          f"{_frac(pairs['noise'])}" + (f", unmeasured {_frac(pairs['unmeasured'])}" if pairs["unmeasured"][1] else ""),
+          f"{pair_fraction(pairs['all'])}; beyond seed noise at the proxy budget {pair_fraction(pairs['separated'])}, inside it "
+          f"{pair_fraction(pairs['noise'])}" + (f", unmeasured {pair_fraction(pairs['unmeasured'])}" if pairs["unmeasured"][1] else ""),
           flush=True)
     print(f"wrote {csv} and the Transfer section of {readme}", flush=True)
     return 0

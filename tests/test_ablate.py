@@ -348,7 +348,7 @@ def test_a_source_too_small_for_a_point_fails_naming_the_point_before_any_run(la
 
 
 def test_a_staged_mixture_ablates_one_stage_and_keeps_the_others(lab, tmp_path, capsys):
-    from sparknet.ablate import Ablation, base_weights
+    from sparknet.ablation import Ablation, base_weights
     from sparknet.config import load_config
     from sparknet.designs import design_points
     from sparknet.objective import Objective
@@ -392,7 +392,7 @@ def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tm
     import threading
 
     import sparknet.run
-    from sparknet.ablate import Ablation
+    from sparknet.ablation import Ablation
     from sparknet.config import load_config
     from sparknet.designs import design_points
     from sparknet.locks import run_lock
@@ -434,8 +434,8 @@ def test_a_point_whose_run_folder_is_in_use_waits_and_is_never_run_twice(lab, tm
 def test_findings_say_what_the_table_says():
     import pandas as pd
 
-    from sparknet.ablate import Ablation
     from sparknet.ablate_report import findings, points_frame
+    from sparknet.ablation import Ablation
     from sparknet.designs import design_points
     from sparknet.objective import Objective
 
@@ -549,7 +549,7 @@ def test_two_workers_share_one_study_without_duplicates_and_one_confirms(lab, su
 @pytest.mark.parametrize("vary, init, data", [("init", [7, 8, 9], [1234] * 3), ("data", [7] * 3, [1234, 1235, 1236]),
                                               ("both", [7, 8, 9], [1234, 1235, 1236])])
 def test_seed_vary_moves_the_init_the_data_order_or_both_and_never_the_quotas(tmp_path, vary, init, data):
-    from sparknet.ablate import Ablation
+    from sparknet.ablation import Ablation
     from sparknet.designs import design_points
     from sparknet.mixture import build_plan
     from sparknet.objective import Objective

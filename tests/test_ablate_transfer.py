@@ -110,7 +110,7 @@ def test_a_transfer_retrains_the_chosen_points_and_says_whether_the_ranking_hold
     import pandas as pd
     from scipy.stats import spearmanr
 
-    from sparknet.ablate_transfer import BEGIN, END, TRANSFER_ATTR, transfer_section
+    from sparknet.ablate_sections import BEGIN, END, TRANSFER_ATTR, transfer_section
 
     argv = ["--transfer", "small", "--budget", "2x", "--storage", lab.url, "--out", str(small), *lab.off,
             f"lab_dir={lab.dir}"]
@@ -173,7 +173,7 @@ def test_a_transfer_retrains_the_chosen_points_and_says_whether_the_ranking_hold
 
 
 def test_the_transfer_section_survives_a_rewritten_readme_and_is_replaced_not_appended():
-    from sparknet.ablate_transfer import BEGIN, END, with_section
+    from sparknet.ablate_sections import BEGIN, END, with_section
 
     first = with_section("# Study\n\ntable\n", f"{BEGIN}\n## Transfer\nold\n{END}")
     assert first.count(BEGIN) == 1 and first.startswith("# Study\n\ntable\n\n")
@@ -197,7 +197,7 @@ def test_one_more_source_reuses_exactly_the_points_that_apply_and_measures_the_a
     # grid:0.5 over three sources: docs100, docs50 readmes50, docs50 code50, readmes100, readmes50 code50, code100.
     # Those with readmes at 0 are the old study's points, and its first seed (1337) is this study's only one; point 0
     # (docs100) is the new study's learning-curve run (evaluated along the way, so trained) where the study has one.
-    from sparknet.ablate import Ablation
+    from sparknet.ablation import Ablation
 
     curve = hasattr(Ablation, "curve_run")
     applies = {2, 5} | (set() if curve else {0})
