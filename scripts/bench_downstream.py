@@ -8,6 +8,10 @@ scorer that disagrees would mean nothing).
 
 The harness runs with its default batch size (1) and with `--harness-batch` (default 32), so the ratio is shown
 against both. Weights are random (the time does not depend on them); the tokenizer is GPT-2's (offline).
+`work`: the multiply-adds lm-eval spends over those we spend on the same requests (it runs every distinct input whole,
+with the output layer at every position; we run a shared prefix once and the output layer at the answers only);
+`ceiling`: lm-eval's over the least any exact scorer spends (ours, with each token attending to its ancestors only):
+what an exact scorer can gain on the same kernels, beyond what lm-eval loses to its own overhead.
 `--full-estimate`: the default task set at full size, from the exact token count of every report item's inputs
 (after our scorer's de-duplication) at the tokens per second measured here; `--items all` measures it instead.
 Data: --data DIR, else $SPARKNET_DOWNSTREAM, else ../shared/data/downstream, else generated items.
@@ -74,6 +78,26 @@ def _checkpoint(preset: str, out: Path) -> Path:
     return out
 
 
+def work(requests, rows, n_layer: int, d: int, vocab: int) -> tuple[int, int, int]:
+    """Multiply-adds on `requests` of lm-eval's HFLM, of our scorer, and of the least any exact scorer can do.
+    lm-eval runs every distinct input (its logits cache merges identical ones) through the model, with the output layer
+    at every position; we run each row's tokens once (a shared prefix once), attending over the whole row where it is
+    branched (a dense mask), and the output layer only at the continuations' positions; the least is ours with every
+    token attending to its ancestors only (a shared prefix's keys cached, causal kernels)."""
+    body = 12 * n_layer * d * d  # attention projections (4 d^2) and the MLP (8 d^2), per token, over the layers
+
+    def attn(n_keys: int) -> int:  # q.k and the weighted sum of v, over the layers
+        return 2 * n_layer * d * n_keys
+
+    theirs = sum(len(inp) * (body + d * vocab) + sum(attn(p + 1) for p in range(len(inp)))
+                 for inp in {inp for inp, _ in requests})
+    head = sum(len(cont) for _, cont in requests) * d * vocab
+    least = head + sum(len(r.tokens) * body + sum(attn(p + 1) for p in r.positions) for r in rows)
+    ours = head + sum(len(r.tokens) * (body + attn(len(r.tokens))) if r.branched
+                      else len(r.tokens) * body + sum(attn(p + 1) for p in r.positions) for r in rows)
+    return theirs, ours, least
+
+
 def main() -> int:
     from sparknet.config.schema import DEFAULT_DOWNSTREAM
 
@@ -126,7 +150,23 @@ def main() -> int:
     if not args.no_harness:
         harness = {bs: HFLM(pretrained=str(ckpt), dtype="float32", batch_size=bs, device=args.device)
                    for bs in (1, args.harness_batch)}
-    header = f"{'task':<16}{'items':>6}{'pairs':>7}{'ours s':>9}{'items/s':>9}"
+    from sparknet.downstream.score import MAX_ROW_TOKENS, _rows
+
+    shape = gpt.shape if args.scorer == "gpt" else None
+
+    macs = [0, 0, 0]  # lm-eval's, ours and the least, over every task
+
+    def ceiling(pairs) -> str:  # lm-eval's work over ours, for our own model's shape
+        if shape is None:
+            return f"{'':>18}"
+        requests = _inputs(encode_pairs(pairs, ours.encode, ours.prefix_token_id), ours.n_positions)
+        rows = _rows(requests, max(ours.n_positions, MAX_ROW_TOKENS), ours.tree_mask)
+        theirs, mine, least = work(requests, rows, shape.n_layer, shape.n_embd, shape.vocab_size)
+        for i, v in enumerate((theirs, mine, least)):
+            macs[i] += v
+        return f"{theirs / mine:>9.1f}{theirs / least:>9.1f}"
+
+    header = f"{'task':<16}{'items':>6}{'pairs':>7}{'ours s':>9}{'items/s':>9}{'work':>9}{'ceiling':>9}"
     for bs in harness:
         header += f"{f'lm-eval bs{bs} s':>17}{'ratio':>7}"
     print(header + f"{'max |dLL|':>11}")
@@ -139,7 +179,7 @@ def main() -> int:
         s_ours = clock() - start
         totals["ours"] += s_ours
         n_items += len(t.items)
-        line = f"{t.name:<16}{len(t.items):>6}{len(pairs):>7}{s_ours:>9.2f}{len(t.items) / s_ours:>9.1f}"
+        line = f"{t.name:<16}{len(t.items):>6}{len(pairs):>7}{s_ours:>9.2f}{len(t.items) / s_ours:>9.1f}{ceiling(pairs)}"
         worst = 0.0
         for bs, lm in harness.items():
             start = clock()
@@ -150,13 +190,12 @@ def main() -> int:
             line += f"{s:>17.2f}{s / s_ours:>7.1f}"
         print(line + (f"{worst:>11.1e}" if harness else ""), flush=True)
     line = f"{'all':<16}{n_items:>6}{'':>7}{totals['ours']:>9.2f}{n_items / totals['ours']:>9.1f}"
+    line += f"{macs[0] / macs[1]:>9.1f}{macs[0] / macs[2]:>9.1f}" if macs[1] else f"{'':>18}"
     for bs in harness:
         line += f"{totals[bs]:>17.2f}{totals[bs] / totals['ours']:>7.1f}"
     print(line)
 
     if args.full_estimate:
-        from sparknet.downstream.score import MAX_ROW_TOKENS, _rows
-
         def row_tokens(pairs):  # the tokens our scorer runs: inputs as tries per row, common prefixes once
             requests = _inputs(encode_pairs(pairs, ours.encode, ours.prefix_token_id), ours.n_positions)
             rows = _rows(requests, max(ours.n_positions, MAX_ROW_TOKENS), ours.tree_mask)
