@@ -148,6 +148,11 @@ class Ablation(StudyKind):
         except SparknetError as exc:
             raise SparknetError(f"--objective {self.objective.name}: {exc}") from None
 
+    def check_trainable(self) -> None:
+        """Every point trainable at the proxy budget: the stores prepared for the largest share of each source, each
+        point's plan checked against them (`prepare_stores`: the error names the point and the source)."""
+        prepare_stores(self, self.plans)
+
     def queue(self, study) -> None:
         """Every planned run, on a new study or one that --seeds grew."""
         grown = study.user_attrs.get("sparknet.seeds", len(self.seeds)) < len(self.seeds)

@@ -203,6 +203,21 @@ class StudyKind:
         extrapolation. Default: a run evaluated before its end (an ablation evaluates only its base point so)."""
         return cfg.eval.every_tokens < cfg.mixture.total_tokens
 
+    def check_trainable(self) -> None:
+        """That the study's runs can train at `proxy_tokens`: every source within its max_repeats (SparknetError, naming
+        the source, if not). Default: the base mixture at that budget, from the lab's token stores (prepared as
+        needed)."""
+        from sparknet.config import config_from_dict
+        from sparknet.locks import prepare_lock
+        from sparknet.prepare import check_budget, prepare
+
+        d = to_dict(self.base_config())
+        d["mixture"]["total_tokens"] = int(self.proxy_tokens)
+        cfg = config_from_dict(d, f"study {self.study_name} at {self.proxy_tokens:,} tokens")
+        with prepare_lock(cfg.lab_path):
+            prepared = prepare(cfg, progress=self.progress, write_report=False)
+        check_budget(prepared)
+
     def forget_budget(self) -> None:
         """Drop what a kind computed from the provisional budget (--proxy-tokens auto, before its probe): cached
         plans and run folders (`Ablation.plans`, its `_run_dirs`) are computed again at the chosen one."""
@@ -308,6 +323,7 @@ def resolve_auto_budget(kind: StudyKind, storage, existing):
         info = probe(kind.base_config(), objective=kind.objective, cap=kind.auto_budget["cap"],
                      margin=kind.adequacy_margin, study_name=kind.study_name,
                      time_cap_s=kind.auto_budget.get("time_cap_s"), progress=kind.progress)
+        check_chosen_budget(kind, info["chosen"])
         with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
             existing = create_study(kind.study_name, storage, None, None)
             stored = existing.user_attrs
@@ -324,6 +340,21 @@ def resolve_auto_budget(kind: StudyKind, storage, existing):
         kind.proxy_tokens = chosen
         kind.forget_budget()
     return existing
+
+
+def check_chosen_budget(kind: StudyKind, chosen: int) -> None:
+    """The budget the probe chose, checked against the data before it is stored with the study: a stored budget is
+    kept by every rerun, so one that some planned run's sources cannot supply (within their max_repeats) would fail
+    the study for good. The probe checked only the base point at its cap; the budget can be larger (a schedule's
+    area) and other points draw more of some source."""
+    kind.proxy_tokens = chosen
+    kind.forget_budget()
+    try:
+        kind.check_trainable()
+    except SparknetError as exc:
+        raise SparknetError(f"--proxy-tokens auto chose {chosen:,} tokens a run, but at that budget {exc}; nothing was "
+                            f"stored: once the data allows it, --proxy-tokens {chosen} trains at this budget without "
+                            f"probing again") from None
 
 
 def out_folder(out: str | Path | None, study_name: str) -> Path:

@@ -8,6 +8,7 @@ A bigram table gets ~1.8 nats/token; a model that learns the rule gets well unde
 - `--proxy-tokens auto` picks a budget within a factor of two of the crossing a brute-force sweep of budgets finds
   (runs at 32k, 64k, 128k tokens, each with its own schedule); its study is not flagged and concludes; a rerun keeps
   the budget (no probe).
+- A budget auto chose that some point's sources cannot supply (within max_repeats) is an error before it is stored.
 - The power-law extrapolation recovers N on a synthetic curve, and says "not within 100x" when the curve flattens
   above the reference.
 Bad inputs (a cap below one optimizer step, a negative margin, --auto-cap without auto) are rows of
@@ -52,14 +53,14 @@ def chain_documents(seed: int, chars: int, *, k: int = 4, p: float = 0.9, doc_ch
     return docs
 
 
-def write_lab(folder: Path) -> Path:
+def write_lab(folder: Path, *, a_chars: int = 400_000, a_repeats: float = 4) -> Path:
     """Two chain sources (a, b: different successor tables) and a tiny recipe over them; returns the mixture file."""
-    for name, seed in (("a", 1), ("b", 2)):
+    for name, seed, chars in (("a", 1, a_chars), ("b", 2, 400_000)):
         (folder / name).mkdir(parents=True)
         (folder / name / "part.jsonl").write_text(
-            "".join(json.dumps({"text": t}) + "\n" for t in chain_documents(seed, 400_000)))
+            "".join(json.dumps({"text": t}) + "\n" for t in chain_documents(seed, chars)))
     cfg = tiny_mixture(mixture={"sources": [{"name": n, "kind": "local", "path": str(folder / n), "weight": 0.5,
-                                             "max_repeats": 4} for n in "ab"]},
+                                             "max_repeats": a_repeats if n == "a" else 4} for n in "ab"]},
                        tokenizer={"vocab_size": 257, "train_bytes_per_source": 100_000},
                        eval={"sample_prompts": ["a"]}, tracking={"enabled": False})
     cfg["lab_dir"] = str(folder / "lab")
@@ -194,6 +195,28 @@ def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
     assert f"study auto has its budget stored, {chosen:,} tokens; using it, not probing again" in out
     assert optuna.load_study(study_name="auto", storage=f"sqlite:///{lab.parent / 'lab' / 'optuna.db'}"
                              ).user_attrs["sparknet.proxy_tokens"] == chosen
+
+
+@pytest.mark.slow
+def test_auto_stores_no_budget_that_a_point_cannot_train(tmp_path, capsys):
+    """Source a holds ~28k training tokens and may repeat 1.5 times (~42k): the probe (the even base point, at most
+    64k tokens, so at most 32k of a) can run, but the budget it chooses (~60k, or the cap) needs ~54k of a at the point
+    that gives a 0.9. That is said before anything is stored, and a rerun would probe again rather than keep it."""
+    import optuna
+
+    mix = write_lab(tmp_path, a_chars=32_000, a_repeats=1.5)
+    design = tmp_path / "lopsided.yaml"
+    design.write_text(yaml.safe_dump({"points": [{"name": "even", "weights": {"a": 0.5, "b": 0.5}},
+                                                 {"name": "mostly a", "weights": {"a": 0.9, "b": 0.1}}]}))
+    code, out = ablate(mix, "short", "--design", str(design), "--proxy-tokens", "auto", "--auto-cap", "64k")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (out[-3000:], err)
+    assert err.startswith("error: --proxy-tokens auto chose") and "mixture.sources.a:" in err and "max_repeats" in err
+    assert "point 1 (mostly a" in err and "nothing was stored" in err, err
+    storage = f"sqlite:///{tmp_path / 'lab' / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if (tmp_path / "lab" / "optuna.db").exists() else []
+    assert "short" not in names or "sparknet.proxy_tokens" not in optuna.load_study(
+        study_name="short", storage=storage).user_attrs
 
 
 def test_the_verdict_reads_the_slices_its_objective_reads():
