@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SparknetError("--design: required (fix: --design leave-one-out, single-source, grid:0.25, random:16 or "
                             "a YAML file of weight vectors)")
     if args.seeds < 1:
-        raise SparknetError(f"--seeds: must be >= 1, got {args.seeds} (fix: --seeds 2 gives each point a spread)")
+        raise SparknetError(f"--seeds: must be >= 1, got {args.seeds} (fix: --seeds 3 gives each point a spread that can test an effect)")
     if args.design_seed < 0:
         raise SparknetError(f"--design-seed: must be >= 0, got {args.design_seed} (fix: --design-seed 0)")
     budget = parse_budget(args, "20M")

@@ -18,9 +18,10 @@ What every kind gets, written once:
   then `--confirm` (the chosen config at the full budget), by one worker each.
 - The command line's shared flags (`add_study_arguments`, `parse_budget`, `study_settings`).
 - Whether the proxies are big enough to answer (`sparknet.adequacy`): the margin (--adequacy-margin, --no-adequacy)
-  that the kinds' summaries judge their runs by, and `--proxy-tokens auto`: the base point probed once (before the
-  study is created; `resolve_auto_budget`), the budget stored with the study's identity (`sparknet.proxy_tokens`,
-  and how it was found in `sparknet.proxy_auto`) so a rerun or another worker keeps it.
+  that the kinds' summaries judge their runs by, and `--proxy-tokens auto` (`sparknet.proxy_auto`): the base point
+  probed once (before the study is created; `resolve_auto_budget`), the budget stored with the study's identity (user
+  attrs `sparknet.proxy_tokens`, and how it was found in `sparknet.proxy_auto`) so a rerun or another worker keeps
+  it.
 
 A kind (a dataclass subclass of `StudyKind`) implements: for the lifecycle `base_config`, `identity`,
 `identity_difference`, `sampler_and_pruner`, `queue`, `parent_params`, `summarize`, `confirmation` (and optionally
@@ -45,11 +46,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sparknet import atomic
-from sparknet.adequacy import DEFAULT_AUTO_CAP, MARGIN
+from sparknet.adequacy import MARGIN
 from sparknet.config import RunConfig, to_dict
 from sparknet.errors import ArgumentParser, SparknetError
 from sparknet.objective import Objective
 from sparknet.prepare import check_lab
+from sparknet.proxy_auto import DEFAULT_AUTO_CAP
 from sparknet.study_storage import (
     check_storage_url,
     counts,
@@ -312,10 +314,10 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
 
 
 def resolve_auto_budget(kind: StudyKind, storage, existing):
-    """--proxy-tokens auto on a study without a budget yet: probe the base point (`sparknet.adequacy.probe`) and store
+    """--proxy-tokens auto on a study without a budget yet: probe the base point (`sparknet.proxy_auto.probe`) and store
     the budget it chose with the study at once (created for it if new), so that a rerun, or a worker started meanwhile,
     keeps it and never probes again; a budget another worker stored meanwhile is taken instead. Returns the study."""
-    from sparknet.adequacy import probe
+    from sparknet.proxy_auto import probe
 
     stored = existing.user_attrs if existing is not None else {}
     probed = False
@@ -714,7 +716,7 @@ def study_settings(args, budget: tuple[int | AutoBudget, float | None], base: Ru
                 with contextlib.suppress(SparknetError):
                     objective = Objective.parse(getattr(args, "objective", None) or "val",
                                                 [s.name for s in base.mixture.sources])
-            from sparknet.adequacy import dry_run_lines
+            from sparknet.proxy_auto import dry_run_lines
 
             print("\n".join(dry_run_lines(base, objective=objective, cap=auto["cap"], margin=margin,
                                           study_name=name, time_cap_s=auto["time_cap_s"])), flush=True)
