@@ -372,3 +372,30 @@ def test_rows_hold_a_shared_prefix_once_with_positions_by_depth_within_their_cap
     other = next(row for row in rows if 3 in row.preds)
     assert other is not first and other.tokens == [11, 12] and other.preds[3] == [0, 1]  # over the cap: a new row
     assert [len(r.tokens) for r in _rows(requests, max_row_tokens=8, share=False)] == [6, 5, 2]  # no sharing
+
+
+def test_items_whose_answer_outruns_the_context_are_left_out_and_counted(data, ours):
+    """A short-context model meets answers longer than its context (a 256-token model with a 512-token BPE on PIQA's
+    long solutions): the harness refuses those, so the item is left out whole, counted, and said; the rest score as
+    they would alone. With nothing left, the error names the task and the fix."""
+    from sparknet.downstream.evaluation import evaluate_tasks, load_task_items, result_line, table
+
+    (task,) = load_task_items(["piqa"], role="full", root=data)
+    # Every third item's solutions get longer (the generated ones are all 5 words).
+    task.items = [replace(it, continuations=tuple(c + " then set it aside to cool" for c in it.continuations))
+                  if i % 3 == 0 else it for i, it in enumerate(task.items)]
+    longest = [max(len(cont) for _, cont in encode_pairs(it.pairs, ours.encode, ours.prefix_token_id))
+               for it in task.items]
+    k = min(longest)  # a context as long as the shortest item's longest answer
+    short = replace(ours, n_positions=k)
+    too_long = [it for it, n in zip(task.items, longest) if n > k]
+    assert 0 < len(too_long) < len(task.items)
+    (r,) = evaluate_tasks(short, ["piqa"], loaded=[task], root=data)
+    assert (r.n_too_long, r.n_items, r.context) == (len(too_long), len(task.items) - len(too_long), k)
+    kept = [it for it in task.items if it not in too_long]
+    alone = score_items("piqa", "multiple_choice", kept, score_pairs(short, [p for it in kept for p in it.pairs]))
+    assert r.metrics == pytest.approx(alone.metrics, abs=1e-9)
+    assert f"{len(too_long)} more left out: an answer longer than the model's {k}-token context" in result_line(r)
+    assert f"{len(too_long)} left out (too long)" in table([r])
+    with pytest.raises(SparknetError, match=r"every piqa item .* longer than the model's 1-token context .*fix: drop"):
+        evaluate_tasks(replace(ours, n_positions=1), ["piqa"], loaded=[task], root=data)

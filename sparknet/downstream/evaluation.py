@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparknet.downstream.metrics import TaskScores, score_items
-from sparknet.downstream.score import ScoringModel, score_pairs
+from sparknet.downstream.score import ScoringModel, encode_pairs, loglikelihoods
 from sparknet.downstream.tasks import Item, load_items, subset, task_spec
+from sparknet.errors import SparknetError
 
 # Metrics in the order tables show them: bpb first (it moves at 70M parameters where accuracy sits at chance).
 METRIC_ORDER = ("bpb", "acc_norm", "acc", "acc_macro", "perplexity")
@@ -39,6 +40,10 @@ class TaskResult:
     source: str = ""                  # the folder read, or "hub"
     caveat: str = ""
     items_sha256: str = ""            # of the items' positions: two results on the same items have the same one
+    # Items left out because an answer is longer than the model's context (the harness refuses to score those): a
+    # short-context model with a small vocabulary meets a few (PIQA's long solutions in a 512-token BPE).
+    n_too_long: int = 0
+    context: int = 0
 
     @property
     def subset(self) -> bool:
@@ -84,14 +89,34 @@ def evaluate_tasks(model: ScoringModel, names: Sequence[str], *, role: str = "re
     results = []
     for task in loaded or load_task_items(names, role=role, n_items=n_items, shots=shots, root=root):
         start = time.perf_counter()
-        pairs = [p for it in task.items for p in it.pairs]
-        scores = score_items(task.name, task_spec(task.name).kind, task.items,
-                             score_pairs(model, pairs, max_batch_tokens))
-        result = task_result(task, role, scores, time.perf_counter() - start, root)
+        kept, encoded = fitting_items(model, task.items)
+        if not kept:
+            raise SparknetError(f"eval.downstream: every {task.name} item scored has an answer longer than the "
+                                f"model's {model.n_positions}-token context (fix: drop {task.name} from "
+                                f"eval.downstream, or a longer model.n_positions)")
+        scores = score_items(task.name, task_spec(task.name).kind, kept,
+                             loglikelihoods(model, [e for item in encoded for e in item], max_batch_tokens))
+        scored = TaskItems(task.name, kept, task.n_available, task.shots)
+        result = task_result(scored, role, scores, time.perf_counter() - start, root)
+        result.n_too_long, result.context = len(task.items) - len(kept), model.n_positions
         results.append(result)
         if echo:
             echo(result_line(result))
     return results
+
+
+def fitting_items(model: ScoringModel, items: Sequence[Item]) -> tuple[list[Item], list[list]]:
+    """The items whose every answer fits the model's context, and their encoded pairs; an item with one that does not
+    is left out whole (its choices are compared with each other: scoring some of them would mean nothing)."""
+    encoded = encode_pairs([p for it in items for p in it.pairs], model.encode, model.prefix_token_id)
+    kept, kept_encoded, at = [], [], 0
+    for it in items:
+        mine = encoded[at:at + len(it.pairs)]
+        at += len(it.pairs)
+        if all(len(cont) <= model.n_positions for _, cont in mine):
+            kept.append(it)
+            kept_encoded.append(mine)
+    return kept, kept_encoded
 
 
 def task_result(task: TaskItems, role: str, scores: TaskScores, seconds: float, root: Path | None,
@@ -125,7 +150,15 @@ def result_line(r: TaskResult) -> str:
     of = f"{r.n_items:,} of {r.n_available:,} {r.role} items" if r.subset else f"{r.n_items:,} {r.role} items"
     shots = f", {r.shots}-shot" if r.shots else ""
     caveat = "; the local preprocessed copy" if r.caveat else ""
-    return f"downstream {r.task:<15} {figures}  ({of}{shots}{caveat}, {r.seconds:.1f} s)"
+    return f"downstream {r.task:<15} {figures}  ({of}{shots}{caveat}{too_long(r)}, {r.seconds:.1f} s)"
+
+
+def too_long(r: TaskResult) -> str:
+    """The note of a result that left items out (an answer longer than the model's context), else ""."""
+    if not r.n_too_long:
+        return ""
+    return (f"; {r.n_too_long:,} more left out: an answer longer than the model's {r.context:,}-token context, which "
+            f"the harness does not score either")
 
 
 def table(results: Sequence[TaskResult]) -> str:
@@ -136,6 +169,11 @@ def table(results: Sequence[TaskResult]) -> str:
         items = f"{r.n_items:,} of {r.n_available:,} ({r.role})" if r.subset else f"{r.n_items:,} ({r.role})"
         if r.shots:
             items += f", {r.shots}-shot"
+        if r.n_too_long:
+            items += f", {r.n_too_long:,} left out (too long)"
+            note = too_long(r)[2:].replace(" more left out", " items left out") + "."
+            if note not in notes:
+                notes.append(note)
         cells = [_fmt(r.metrics[m], r.stderr.get(m)) if m in r.metrics else "" for m in ("bpb", "acc_norm", "acc")]
         other = "; ".join(f"{m} {_fmt(r.metrics[m], r.stderr.get(m))}" for m in ("acc_macro", "perplexity")
                           if m in r.metrics)
