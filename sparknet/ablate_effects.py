@@ -108,7 +108,7 @@ def effects_markdown(abl, runs) -> str:
     if "hellaswag bpb" in labels:
         from sparknet.downstream.tasks import HELLASWAG_CAVEAT
 
-        note = f" hellaswag: {HELLASWAG_CAVEAT} (unless the runs read the hub)."
+        note = f" hellaswag, where the runs read the local copy (as every offline run does): {HELLASWAG_CAVEAT}."
     return "\n".join(lines) + f"\n\nEach cell: {how}. Negative helps (lower loss, lower bpb). {family}{note}"
 
 

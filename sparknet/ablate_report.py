@@ -202,7 +202,9 @@ def _numbers(d: Difference, q: float, digits: int, unit: str, names: tuple[str, 
         lo, hi = (d.low, d.high) if d.estimate > 0 else (-d.high, -d.low)
         return f"{lead}95% CI {lo:.{digits}f}..{hi:.{digits}f}, Holm p {fmt_p(q)}"
     if kind == "null":
-        return (f"{d.estimate:+.{digits}f} {unit}, 95% CI {d.low:+.{digits}f}..{d.high:+.{digits}f}, "
+        # An interval of its own that misses 0 while the corrected p does not pass: said, so it reads as a hint.
+        hint = " (uncorrected for the comparisons: a hint, not an effect)" if d.low > 0 or d.high < 0 else ""
+        return (f"{d.estimate:+.{digits}f} {unit}, 95% CI {d.low:+.{digits}f}..{d.high:+.{digits}f}{hint}, "
                 f"Holm p {fmt_p(q)}" + (f"; {means}" if means else ""))
     return f"{lead}{noise_note(d, *names)}, so not tested"
 
@@ -502,7 +504,8 @@ def write_ablation_summary(abl, study) -> Summary:
         print(f"warning: {verdict.headline()}", flush=True)  # again, under the table it qualifies
     results = write_csv(out_dir / "results.csv", runs)
     plots = make_plots(abl, runs, pts, fit, out_dir)
-    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", abl.study_name)
+    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", abl.study_name,
+                           getattr(abl, "auto_budget", None))
     full = abl.full_config(weights)
     tuned = (f"# Its {obj.tuned_on} figures are tuned (the study selected on them): report the test split.\n"
              if obj.tuned_on else "")
@@ -587,6 +590,10 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
                        f"checks a run" + (f"; {', '.join(limits.unknown)}: only partly tokenized so far, so assumed "
                                           f"to have enough (prepare checks it before training)"
                                           if limits.unknown else "") + ".")
+    if abl.proxy_tokens >= full:  # the study then ranks mixtures trained longer than the run best.yaml asks for
+        budget_note += (f" The proxies ({abl.proxy_tokens:,} tokens) train at least as long as the full budget: "
+                        f"`best.yaml` at {full:,} tokens is not what the study measured (fix: set the mixture's "
+                        f"`total_tokens` above the proxy budget).")
     metric = obj.metric
     wik = study.user_attrs.get("sparknet.objective_data") or {}
     base = load_config(abl.mixture, list(abl.base_overrides))

@@ -83,8 +83,11 @@ class Ablation(StudyKind):
         return {"point": point, "seed": seed,
                 **{f"weight.{n}": float(w) for n, w in zip(self.names, self.points[point].weights)}}
 
-    def enqueue_run(self, study, key: tuple[int, int]) -> None:
-        enqueue(study, self.params(*key), {"point": key[0], "seed": key[1], "point_name": self.points[key[0]].name})
+    def enqueue_run(self, study, key: tuple[int, int], curve: dict | None = None) -> None:
+        """Queue the run of (point, seed); `curve`: the evaluations along the way an earlier, failed trial of it
+        recorded (the run continues that trial's checkpoints, so they are not measured again)."""
+        enqueue(study, self.params(*key), {"point": key[0], "seed": key[1], "point_name": self.points[key[0]].name,
+                                           **({"val_loss_by_eval": curve} if curve else {})})
 
     @cached_property
     def plans(self) -> list:
@@ -219,9 +222,13 @@ class Ablation(StudyKind):
         # A run folder another process holds: its trial was failed as stale while its worker trains on (and will
         # record the result). Neither queued again nor taken meanwhile.
         busy = {key for key in planned if key not in done and key not in active and self.run_busy(key)}
+        # A run that failed after some evaluations (e.g. in its scoring, after its training) resumes from its last
+        # checkpoint: the learning curve it had measured so far goes with it, the latest trial's winning.
+        curves = {key_of(t): t.user_attrs["val_loss_by_eval"] for t in trials
+                  if t.state.name == "FAIL" and t.user_attrs.get("val_loss_by_eval")}
         for key in planned:
             if key not in done and key not in active and key not in busy:
-                self.enqueue_run(study, key)
+                self.enqueue_run(study, key, curves.get(key))
                 waiting += 1
         running = {key_of(t) for t in trials if t.state.name == "RUNNING"}
         while waiting:

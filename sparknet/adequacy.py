@@ -536,11 +536,31 @@ def judge(runs: list[RunCheck], objective, margin: float, proxy_tokens: int, *, 
     return v
 
 
-def plot_curve(v: Verdict, path: Path, title: str) -> Path | None:
-    """The base point's learning curve, per series the verdict reads: loss and reference at each budget, their fits
-    (extrapolated), the reference minus the margin, and N with its interval."""
-    if v.curve is None:
+def probe_curve(auto: dict[str, Any] | None) -> Curve | None:
+    """The learning curve the --proxy-tokens auto probe recorded (`auto["curve"]`); None with fewer than two points."""
+    points = (auto or {}).get("curve") or []
+    if len(points) < 2:
         return None
+    names = sorted(set.intersection(*(set(p["loss"]) & set(p["ref"]) for p in points)))
+    return Curve(np.array([p["tokens"] for p in points], dtype=np.float64),
+                 {s: np.array([p["loss"][s] for p in points]) for s in names},
+                 {s: np.array([p["ref"][s] for p in points]) for s in names}, "the probe")
+
+
+def plot_curve(v: Verdict, path: Path, title: str, auto: dict[str, Any] | None = None) -> Path | None:
+    """The base point's learning curve, per series the verdict reads: loss and reference at each budget, their fits
+    (extrapolated), the reference minus the margin, and N with its interval. Without one (the base point evaluated
+    only at its end), the curve of the --proxy-tokens auto probe (`auto`), with where it crossed."""
+    crossed = None
+    if v.curve is None:
+        probe = probe_curve(auto)
+        if probe is None:
+            return None
+        from dataclasses import replace
+
+        v = replace(v, curve=probe, estimate=None)
+        crossed = auto.get("crossed_at") if auto.get("crossed") else None
+        title = f"{title} (auto probe, constant LR)"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -573,6 +593,8 @@ def plot_curve(v: Verdict, path: Path, title: str) -> Path | None:
             known = np.isfinite(c.ref[name])
             ax.plot(c.tokens[known], c.ref[name][known] - v.margin, "--", color="tab:red",
                     label=f"reference - {v.margin:g}")
+        if crossed:
+            ax.axvline(crossed, color="k", lw=0.8, label=f"crossed at {fmt_tokens(crossed)}")
         ax.axvline(v.proxy_tokens, color="tab:green", lw=0.8, ls=":", label="proxy budget")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: fmt_tokens(x)))
@@ -669,5 +691,6 @@ def adequacy_section(v: Verdict, curve_png: Path | None, auto: dict[str, Any] | 
     if auto_text(auto):
         lines += ["", auto_text(auto)]
     if curve_png is not None:
-        lines += ["", f"![learning curve of the base point]({curve_png.name})"]
+        whose = "the base point" if v.curve is not None else "the --proxy-tokens auto probe"
+        lines += ["", f"![learning curve of {whose}]({curve_png.name})"]
     return "\n".join(lines) + "\n"

@@ -278,7 +278,9 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
     summary = None
     waiting = False
     while True:
-        with study_job(kind, study, "summary", finished) as state:
+        # Written once per set of finished runs, and again where its README is gone (deleted to regenerate it with
+        # a newer sparknet, or another --out).
+        with study_job(kind, study, "summary", finished, redo=not (Path(kind.out) / "README.md").exists()) as state:
             if state == "mine":
                 summary = write_summary(kind, study)
                 break
@@ -313,26 +315,36 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
         return summary
 
 
-def resolve_auto_budget(kind: StudyKind, storage, existing):
+def resolve_auto_budget(kind: StudyKind, storage, existing, poll_s: float = 5.0):
     """--proxy-tokens auto on a study without a budget yet: probe the base point (`sparknet.proxy_auto.probe`) and store
-    the budget it chose with the study at once (created for it if new), so that a rerun, or a worker started meanwhile,
-    keeps it and never probes again; a budget another worker stored meanwhile is taken instead. Returns the study."""
+    the budget it chose with the study at once, so that a rerun, or a worker started meanwhile, keeps it and never
+    probes again. Exactly one worker probes (the study-wide job "probe"); one started meanwhile waits for the budget
+    it stores, and probes itself if that worker dies first (its claim goes stale). Returns the study."""
     from sparknet.proxy_auto import probe
 
     stored = existing.user_attrs if existing is not None else {}
-    probed = False
-    if "sparknet.proxy_tokens" not in stored:
-        info = probe(kind.base_config(), objective=kind.objective, cap=kind.auto_budget["cap"],
-                     margin=kind.adequacy_margin, study_name=kind.study_name,
-                     time_cap_s=kind.auto_budget.get("time_cap_s"), progress=kind.progress)
-        check_chosen_budget(kind, info["chosen"])
-        with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
-            existing = create_study(kind.study_name, storage, None, None)
-            stored = existing.user_attrs
-            if "sparknet.proxy_tokens" not in stored:
-                existing.set_user_attr("sparknet.proxy_tokens", info["chosen"])
-                existing.set_user_attr("sparknet.proxy_auto", info)
+    probed = waiting = False
+    while "sparknet.proxy_tokens" not in stored:
+        if existing is None:
+            with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
+                existing = create_study(kind.study_name, storage, None, None)
+        with study_job(kind, existing, "probe", "budget", redo=True) as state:
+            if state == "mine":
+                info = probe(kind.base_config(), objective=kind.objective, cap=kind.auto_budget["cap"],
+                             margin=kind.adequacy_margin, study_name=kind.study_name,
+                             time_cap_s=kind.auto_budget.get("time_cap_s"), progress=kind.progress)
+                check_chosen_budget(kind, info["chosen"])
+                with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
+                    existing.set_user_attr("sparknet.proxy_tokens", info["chosen"])
+                    existing.set_user_attr("sparknet.proxy_auto", info)
                 stored, probed = {"sparknet.proxy_tokens": info["chosen"], "sparknet.proxy_auto": info}, True
+                continue
+        if not waiting:
+            print(f"--proxy-tokens auto: {state} is probing study {kind.study_name}'s budget; waiting for it",
+                  flush=True)
+            waiting = True
+        time.sleep(poll_s)
+        stored = find_study(kind.study_name, storage).user_attrs
     chosen = int(stored["sparknet.proxy_tokens"])
     if not probed:
         print(f"--proxy-tokens auto: study {kind.study_name} has its budget stored, {chosen:,} tokens; using it, not "
@@ -446,17 +458,17 @@ def _close_parent(kind: StudyKind, study, s: Summary) -> None:
 
 
 @contextlib.contextmanager
-def study_job(kind: StudyKind, study, name: str, key: Any):
+def study_job(kind: StudyKind, study, name: str, key: Any, *, redo: bool = False):
     """Claim the study-wide job `name` (the summary, the confirmation) for `key` (what it is done for). Yields
     "mine" (this worker does it; a heartbeat keeps the claim alive, done is recorded at the end, a failure or an
-    interrupt releases it), "done" (already done for this key) or the worker id of the one doing it now. The
-    claim is taken under the study lock, so with N workers exactly one does the job."""
+    interrupt releases it), "done" (already done for this key; `redo`: do it again all the same) or the worker id of
+    the one doing it now. The claim is taken under the study lock, so with N workers exactly one does the job."""
     attr = f"sparknet.job.{name}"
     me = kind.worker_id
     stale_s = 2 * kind.heartbeat_s
     with signals_deferred(), study_lock(kind.storage_url, kind.study_name):
         c = study.user_attrs.get(attr)
-        if c and c.get("key") == key and c.get("done"):
+        if c and c.get("key") == key and c.get("done") and not redo:
             state = "done"
         elif c and not c.get("done") and c.get("by") != me and time.time() - c.get("beat", 0) < stale_s:
             state = c["by"]

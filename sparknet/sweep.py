@@ -318,7 +318,8 @@ def write_sweep_summary(sweep: Sweep, study) -> Summary:
                         + yaml.safe_dump(to_dict(full), sort_keys=False)),
              write_csv(out_dir / "trials.csv", csv)]
     wik = study.user_attrs.get("sparknet.objective_data") or {}
-    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", sweep.study_name)
+    curve_png = plot_curve(verdict, out_dir / "learning_curve.png", sweep.study_name,
+                           sweep.auto_budget)
     files.append(write_text(out_dir / "README.md",
         f"# Sweep {sweep.study_name}\n\n" + (f"> **Not an answer about hyperparameters.** {verdict.headline()}\n\n"
                                               if verdict.blocks else "")

@@ -237,6 +237,51 @@ def test_more_seeds_grow_the_study_by_their_runs_only(lab, monkeypatch, capsys):
     assert out.count("wrote experiments/grow/") == 1
 
 
+def test_a_run_that_fails_after_training_keeps_its_learning_curve_when_it_resumes(lab, monkeypatch, capsys):
+    """The base point's first seed evaluates along the way (its learning curve); when its trial fails after the
+    training (here, in its scoring), the rerun continues the run from its final checkpoint, so nothing is evaluated
+    again: the curve the failed trial recorded goes to the trial that completes it, and the README can draw it."""
+    import sparknet.run
+
+    url = f"sqlite:///{lab / 'resumecurve.db'}"
+    argv = args_for(lab, "resumecurve", "--objective", "val", storage=url)
+    real = sparknet.run.execute
+
+    def fails_once(cfg, **kw):
+        out = real(cfg, **kw)
+        if cfg.name.endswith("-p0-s0"):
+            raise ValueError("a fault in scoring, after the training")
+        return out
+
+    monkeypatch.setattr(sparknet.run, "execute", fails_once)
+    with pytest.raises(ValueError):
+        main(argv)
+    monkeypatch.setattr(sparknet.run, "execute", real)
+    failed = next(t for t in load(url, "resumecurve").trials if t.state.name == "FAIL")
+    curve = failed.user_attrs["val_loss_by_eval"]
+    assert len(curve) >= 3 and all(set(v) == set(NAMES) for v in curve.values())
+    capsys.readouterr()
+    assert main(argv) == 0
+    base = [t for t in load(url, "resumecurve").trials if t.state.name == "COMPLETE" and key_of_(t) == (0, 1337)]
+    assert len(base) == 1 and base[0].user_attrs["val_loss_by_eval"] == curve
+    assert set(base[0].user_attrs["ref_bigram_by_eval"]) == set(curve)  # its references counted for each evaluation
+    text = (lab / "experiments" / "resumecurve" / "README.md").read_text()
+    assert "![learning curve of the base point](learning_curve.png)" in text
+
+    # A rerun of a finished study writes nothing; with its README deleted, it writes the summary again.
+    capsys.readouterr()
+    assert main(argv) == 0 and "was written by" in capsys.readouterr().out
+    (lab / "experiments" / "resumecurve" / "README.md").unlink()
+    assert main(argv) == 0 and "wrote " in capsys.readouterr().out
+    assert (lab / "experiments" / "resumecurve" / "README.md").read_text() == text
+
+
+def key_of_(trial) -> tuple[int, int]:
+    from sparknet.ablate_report import key_of
+
+    return key_of(trial)
+
+
 def _dry_points(capsys, argv) -> list[tuple[str, tuple[float, ...], tuple[int, ...]]]:
     assert main([*argv, "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -480,6 +525,19 @@ def test_findings_say_what_the_table_says():
     assert findings(abl, bare)[0].startswith(facts[0].split("; its own")[0])
     assert "val/finepdfs changed by +0.410 nats/token (3.500 -> 3.910; no spread measured, so not tested)" in \
         findings(abl, bare)[0]
+
+
+def test_an_interval_that_misses_zero_without_passing_holm_reads_as_a_hint():
+    from sparknet.ablate_report import _numbers
+    from sparknet.ablate_stats import welch
+
+    d = welch([1.0, 1.01, 1.02], [1.03, 1.04, 1.05])  # -0.03, its own 95% CI about -0.053..-0.007
+    assert d.high < 0 and d.p < 0.05
+    text = _numbers(d, 0.073, 4, "bits/byte")
+    assert text.startswith(f"-0.0300 bits/byte, 95% CI {d.low:+.4f}..{d.high:+.4f} (uncorrected for the comparisons: "
+                           f"a hint, not an effect), Holm p = 0.073"), text
+    wide = welch([1.0, 1.03, 1.06], [1.02, 1.05, 1.08])
+    assert wide.low < 0 < wide.high and "hint" not in _numbers(wide, 0.5, 4, "bits/byte")
 
 
 def _states(url: str, study: str) -> dict[str, int]:

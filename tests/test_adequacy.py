@@ -168,6 +168,30 @@ def _crossing_by_brute_force(lab: Path) -> int:
 
 
 @pytest.mark.slow
+def test_without_the_base_points_curve_the_readme_draws_the_auto_probes(tmp_path):
+    """A base point that evaluated only at its end (or whose curve was lost) leaves the probe's curve, stored with the
+    study's budget, to show how the budget was found: its losses and references, and where it crossed."""
+    from sparknet.adequacy import Verdict, adequacy_section, plot_curve, probe_curve
+    from sparknet.objective import Objective
+
+    points = [{"tokens": t, "loss": {"a": 6.0 - t / 1e5, "b": 5.5 - t / 1e5}, "ref": {"a": 5.2, "b": 5.0}}
+              for t in (20_000, 40_000, 60_000, 80_000)]
+    auto = {"cap": 100_000, "margin": 0.05, "reads": ["a", "b"], "chosen": 90_112, "crossed": True,
+            "crossed_at": 75_000, "stopped_at": 80_000, "every": 20_000, "seconds": 12.0, "curve": points}
+    curve = probe_curve(auto)
+    assert curve.label == "the probe" and list(curve.tokens) == [20_000, 40_000, 60_000, 80_000]
+    assert list(curve.loss["b"]) == [5.3, 5.1, 4.9, 4.7] and list(curve.ref["a"]) == [5.2] * 4
+    v = Verdict(Objective.parse("val", ("a", "b")), 0.05, 90_112, [])
+    png = plot_curve(v, tmp_path / "learning_curve.png", "study", auto)
+    assert png is not None and png.stat().st_size > 10_000
+    text = adequacy_section(v, png, auto)
+    assert "![learning curve of the --proxy-tokens auto probe](learning_curve.png)" in text
+    assert "about 75,000 tokens" in text and "every run trains 90,112 tokens" in text
+    # Nothing to draw: no base curve, and no probe (or one evaluation only).
+    assert plot_curve(v, tmp_path / "none.png", "study") is None
+    assert plot_curve(v, tmp_path / "none.png", "study", dict(auto, curve=points[:1])) is None
+
+
 def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
     import optuna
 
@@ -188,6 +212,8 @@ def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
     assert "Not an answer" not in readme and "Every run is past its bigram reference by at least the margin" in readme
     assert "## What it says" in readme and "The best measured mixture is" in readme
     assert "The budget was chosen by `--proxy-tokens auto`" in readme
+    # Proxies as long as the full run (the recipe's 131,072 tokens) are no proxies: the README says so.
+    assert ("train at least as long as the full budget" in readme) == (chosen >= 131_072), readme
 
     # Rerun: the study keeps the budget it chose, and nothing is probed again.
     code, out = ablate(lab, "auto", *argv)
@@ -195,6 +221,36 @@ def test_auto_picks_about_the_crossing_and_a_resumed_study_keeps_it(lab):
     assert f"study auto has its budget stored, {chosen:,} tokens; using it, not probing again" in out
     assert optuna.load_study(study_name="auto", storage=f"sqlite:///{lab.parent / 'lab' / 'optuna.db'}"
                              ).user_attrs["sparknet.proxy_tokens"] == chosen
+
+
+@pytest.mark.slow
+def test_two_workers_started_at_once_probe_once_and_share_the_budget(tmp_path, subprocess_env):
+    """The README's two-worker command: both start with --proxy-tokens auto on a new study; one probes, the other
+    waits for the budget it stores (not an error), then both train the study's points, none twice."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    mix = write_lab(tmp_path)
+    design = tmp_path / "two.yaml"
+    design.write_text(yaml.safe_dump({"points": [{"name": "even", "weights": {"a": 0.5, "b": 0.5}},
+                                                 {"name": "more a", "weights": {"a": 0.7, "b": 0.3}}]}))
+    cmd = [sys.executable, "-m", "sparknet.ablate", str(mix), "--study", "pair", "--objective", "val",
+           "--out", str(tmp_path / "experiments" / "pair"), "--design", str(design), "--proxy-tokens", "auto",
+           "--auto-cap", "256k"]
+    env = dict(subprocess_env, OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs[0][-2000:] + outs[1][-2000:]
+    assert sorted(o.count("training the base point up to") for o in outs) == [0, 1], outs
+    assert sum("is probing study pair's budget; waiting for it" in o for o in outs) == 1, outs
+    study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'lab' / 'optuna.db'}")
+    chosen = study.user_attrs["sparknet.proxy_tokens"]
+    assert all(f"at a proxy budget of {chosen:,} tokens" in o for o in outs), outs
+    trials = study.trials
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
 
 
 @pytest.mark.slow
