@@ -237,6 +237,7 @@ def test_more_seeds_grow_the_study_by_their_runs_only(lab, monkeypatch, capsys):
     assert out.count("wrote experiments/grow/") == 1
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_after_training_keeps_its_learning_curve_when_it_resumes(lab, monkeypatch, capsys):
     """The base point's first seed evaluates along the way (its learning curve); when its trial fails after the
     training (here, in its scoring), the rerun continues the run from its final checkpoint, so nothing is evaluated
