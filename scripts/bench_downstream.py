@@ -125,7 +125,7 @@ def main() -> int:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from sparknet.downstream.evaluation import load_task_items
+    from sparknet.downstream.evaluation import fitting_items, load_task_items
     from sparknet.downstream.score import _inputs, encode_pairs, gpt_scoring_model, hf_scoring_model, score_pairs
     from sparknet.hf_models import load_hf_model
 
@@ -143,6 +143,12 @@ def main() -> int:
     else:
         ours = hf_scoring_model(model, tokenizer, args.device)
     loaded = load_task_items(tasks, role="report", n_items=n, root=root)
+    for t in loaded:  # an answer longer than the context is scored by neither (runs leave such items out too)
+        kept, _ = fitting_items(ours, t.items)
+        if len(kept) < len(t.items):
+            print(f"{t.name}: {len(t.items) - len(kept)} of {len(t.items)} items left out (an answer longer than "
+                  f"the model's {ours.n_positions}-token context)")
+            t.items = kept
     print(f"checkpoint {args.checkpoint or args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
           f"{ours.n_positions}), ours on the {args.scorer} model, {args.device}, {torch.get_num_threads()} threads, {args.clock} seconds; data {where}; "
           f"{'all' if n is None else n} report items per task")

@@ -75,7 +75,10 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], encode: EncodeFn,
     texts = [moved[i][0] for i in nonempty] + [moved[i][0] + moved[i][1] for i in nonempty]
     empty = [i for i, (c, _) in enumerate(moved) if not c]
     texts += [moved[i][1] for i in empty]
-    ids = encode(texts) if texts else []
+    unique = list(dict.fromkeys(texts))  # an item's choices share its context: each distinct text is encoded once
+    at = {t: k for k, t in enumerate(unique)}
+    encoded = encode(unique) if unique else []
+    ids = [encoded[at[t]] for t in texts]
     n = len(nonempty)
     out: list[tuple[list[int], list[int]] | None] = [None] * len(pairs)
     for k, i in enumerate(nonempty):
