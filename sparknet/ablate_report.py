@@ -590,10 +590,14 @@ def readme(abl, study, show, formats, facts, fit: Fit, weights, why, plots, mism
                        f"checks a run" + (f"; {', '.join(limits.unknown)}: only partly tokenized so far, so assumed "
                                           f"to have enough (prepare checks it before training)"
                                           if limits.unknown else "") + ".")
-    if abl.proxy_tokens >= full:  # the study then ranks mixtures trained longer than the run best.yaml asks for
-        budget_note += (f" The proxies ({abl.proxy_tokens:,} tokens) train at least as long as the full budget: "
-                        f"`best.yaml` at {full:,} tokens is not what the study measured (fix: set the mixture's "
-                        f"`total_tokens` above the proxy budget).")
+    if abl.proxy_tokens > full:  # the study then ranks mixtures trained longer than the run best.yaml asks for
+        budget_note += (f" The proxies ({abl.proxy_tokens:,} tokens) train longer than the full budget: `best.yaml` "
+                        f"at {full:,} tokens is not what the study measured (fix: rerun the study's command with "
+                        f"mixture.total_tokens=N, N at least {abl.proxy_tokens:,}: nothing is trained again, the "
+                        f"summary is written for that budget).")
+    elif abl.proxy_tokens == full:
+        budget_note += (" The runs trained the full budget itself: the study measured these mixtures at the budget "
+                        "`best.yaml` trains, not proxies of it.")
     metric = obj.metric
     wik = study.user_attrs.get("sparknet.objective_data") or {}
     base = load_config(abl.mixture, list(abl.base_overrides))

@@ -277,10 +277,11 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
     finished = len(finished_trials(study))
     summary = None
     waiting = False
+    # Written once per set of finished runs and full budget (best.yaml's, which may be set after the study), and again
+    # where its README is gone (deleted to regenerate it with a newer sparknet, or another --out).
+    key = f"{finished} runs, full budget {kind.base_config().mixture.total_tokens}"
     while True:
-        # Written once per set of finished runs, and again where its README is gone (deleted to regenerate it with
-        # a newer sparknet, or another --out).
-        with study_job(kind, study, "summary", finished, redo=not (Path(kind.out) / "README.md").exists()) as state:
+        with study_job(kind, study, "summary", key, redo=not (Path(kind.out) / "README.md").exists()) as state:
             if state == "mine":
                 summary = write_summary(kind, study)
                 break
@@ -552,6 +553,9 @@ def check_identity(kind: StudyKind, stored: dict[str, Any], now: dict[str, Any])
                             f"another study with --study NAME)")
 
 
+FULL_BUDGET_KEY = "mixture.total_tokens"
+
+
 def identity_difference(kind: StudyKind, stored: dict[str, Any], now: dict[str, Any]) -> str | None:
     """The first way `now` differs from what the study stored, in words; None when it is the same study."""
     # Studies from before the kind was stored are sweeps (the only kind there was).
@@ -571,6 +575,8 @@ def identity_difference(kind: StudyKind, stored: dict[str, Any], now: dict[str, 
     if old_rec is not None:
         new_rec = now["sparknet.recipe"]
         for key in [*old_rec, *(k for k in new_rec if k not in old_rec)]:
+            if key == FULL_BUDGET_KEY:  # every trial trains the proxy budget: the full one is only what best.yaml
+                continue                # and --confirm train, and may be set after the study (stored anew)
             if old_rec.get(key) != new_rec.get(key):
                 return (f"its recipe has {key}={old_rec.get(key, '(unset)')}, this command gives "
                         f"{key}={new_rec.get(key, '(unset)')} (the mixture file or a key=value override)")

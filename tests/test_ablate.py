@@ -276,6 +276,16 @@ def test_a_run_that_fails_after_training_keeps_its_learning_curve_when_it_resume
     assert main(argv) == 0 and "wrote " in capsys.readouterr().out
     assert (lab / "experiments" / "resumecurve" / "README.md").read_text() == text
 
+    # The full budget (best.yaml's) may be set after the study: nothing trains again, the summary is written for it.
+    n_trials = len(load(url, "resumecurve").trials)
+    for full, says in ((PROXY, "The runs trained the full budget itself"),
+                       (PROXY // 2, f"The proxies ({PROXY:,} tokens) train longer than the full budget")):
+        assert main([*argv, f"mixture.total_tokens={full}"]) == 0 and "wrote " in capsys.readouterr().out
+        assert says in (lab / "experiments" / "resumecurve" / "README.md").read_text()
+        best = (lab / "experiments" / "resumecurve" / "best.yaml").read_text()
+        assert f"total_tokens: {full}" in best
+    assert len(load(url, "resumecurve").trials) == n_trials
+
 
 def key_of_(trial) -> tuple[int, int]:
     from sparknet.ablate_report import key_of
