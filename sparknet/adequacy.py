@@ -676,6 +676,10 @@ def auto_text(auto: dict[str, Any] | None) -> str:
                f"{auto.get('crossed_at', auto['chosen']):,} tokens (it stopped at its evaluation at "
                f"{auto['stopped_at']:,}); a run of {auto['chosen']:,} tokens sums as much learning rate on its own "
                f"schedule (`sparknet.proxy_auto.area_budget`)")
+    elif auto.get("time_cap_s") and auto["stopped_at"] < auto["cap"]:
+        how = (f"did not get past its bigram reference by {auto['margin']:g} nats/token on {reads_} before the time "
+               f"cap (--auto-time, {auto['time_cap_s']:.0f} s) stopped it at {auto['stopped_at']:,} tokens, so that is "
+               f"the budget")
     else:
         how = (f"did not get past its bigram reference by {auto['margin']:g} nats/token on {reads_} before it stopped "
                f"at {auto['stopped_at']:,} tokens (the cap), so the cap is the budget")

@@ -152,6 +152,48 @@ def test_a_4k_token_proxy_is_flagged_and_concludes_nothing(lab, capsys):
     assert (runs[[c for c in runs if c.startswith("past_bigram/")]] < 0.05).any(axis=None)
 
 
+@pytest.mark.slow
+def test_a_sweep_judges_its_baseline_and_best_and_auto_sizes_it(lab):
+    """A sweep at 4k tokens says at the top of its README that its trials have not learned past a bigram table, and
+    its best.yaml carries the caveat; the same sweep with --proxy-tokens auto probes the baseline once and concludes."""
+    from sparknet.sweep import main as sweep_main
+
+    space = lab.parent / "lr_space.yaml"
+    space.write_text(yaml.safe_dump({"objective": "val", "eval_points": 2,
+                                     "params": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
+                                     "sampler": {"seed": 1, "n_startup_trials": 2},
+                                     "pruner": {"n_startup_trials": 5, "n_warmup_steps": 1}}))
+
+    def sweep(study: str, *extra: str) -> tuple[int, str, Path]:
+        out, folder = StringIO(), lab.parent / "experiments" / study
+        with redirect_stdout(out):
+            code = sweep_main(["--mixture", str(lab), "--space", str(space), "--trials", "2", "--study", study,
+                               "--out", str(folder), *extra])
+        return code, out.getvalue(), folder
+
+    code, out, folder = sweep("sweep-small", "--proxy-tokens", "4096")
+    assert code == 0, out[-3000:]
+    readme = (folder / "README.md").read_text()
+    assert readme.splitlines()[2].startswith("> **Not an answer about hyperparameters.** The proxies have not "
+                                             "learned past a bigram table (by "), readme[:600]
+    assert "warning: The proxies have not learned past a bigram table" in out
+    best = (folder / "best.yaml").read_text().splitlines()
+    assert any(line.startswith("# Caveat: the best measured trial, not an answer:") for line in best[:6])
+
+    code, out, folder = sweep("sweep-auto", "--proxy-tokens", "auto", "--auto-cap", "256k")
+    assert code == 0, out[-3000:]
+    readme = (folder / "README.md").read_text()
+    assert "Not an answer" not in readme and "The budget was chosen by `--proxy-tokens auto`" in readme
+    assert out.count("training the base point up to") == 1 and "adequacy: " in out
+
+    # A time cap that ends the probe before the crossing: its tokens are the budget, and the study says it is short.
+    code, out, folder = sweep("sweep-timed", "--proxy-tokens", "auto", "--auto-cap", "256k", "--auto-time", "1s")
+    assert code == 0, out[-3000:]
+    readme = (folder / "README.md").read_text()
+    assert "before the time cap (--auto-time, 1 s) stopped it at" in readme, readme
+    assert "> **Not an answer about hyperparameters.**" in readme
+
+
 def _crossing_by_brute_force(lab: Path) -> int:
     """The smallest of 32k, 64k, 128k tokens at which a run of the base mixture (its own schedule) is past its bigram
     reference by the margin on both held-out slices."""
