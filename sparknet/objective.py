@@ -237,8 +237,7 @@ class Objective:
         elif self.kind != WIKITEXT_VALID:
             metrics[self.metric] = self.value(losses)
         else:
-            r = wikitext_valid_result(outcome.run_dir / "final", cfg, rows=self._rows(cfg)[0], device=device,
-                                      cache=self._cache)
+            r = wikitext_valid_result(outcome.run_dir / "final", cfg, rows=self._rows(cfg)[0], device=device)
             metrics |= {"wikitext-valid/bpb": r.bits_per_byte, "wikitext-valid/loss": r.loss_nats,
                         "wikitext-valid/tokens": float(r.tokens)}
         return metrics
@@ -268,24 +267,20 @@ def _final_model(model_dir, cfg, device: Any = None) -> Iterator[tuple[Any, Any]
             torch.cuda.empty_cache()
 
 
-def wikitext_valid_result(model_dir, cfg, *, rows: Sequence[str] | None = None, device: Any = None,
-                          cache: dict | None = None):
+def wikitext_valid_result(model_dir, cfg, *, rows: Sequence[str] | None = None, device: Any = None):
     """`evaluate.EvalResult` of the exported model in `model_dir` (sparknet.model.load_exported with cfg.model)
     on the WikiText-2 validation split, tokenized by the run's tokenizer: windows of the model's context, stride =
-    context, with bits per byte. `device`: default the run's (train.device). `cache` keeps the token ids of the
-    joined text per tokenizer, so that a study tokenizes it once."""
+    context, with bits per byte. `device`: default the run's (train.device). The text's token ids are the
+    process's (`references.wikitext_ids`): a study tokenizes it once, for the references and the objective alike."""
     from sparknet.evaluate import eval_hf_strided, load_wikitext
     from sparknet.prepare import resolve_tokenizer
+    from sparknet.references import wikitext_ids, wikitext_text
 
     if rows is None:
         rows = load_wikitext("validation", cfg.eval.wikitext_path or None)
     tok = resolve_tokenizer(cfg, 1)  # the run's: trained and cached in the lab by the run itself
-    text = "\n\n".join(rows)  # as evaluate_wikitext joins the test split (rows already end with "\n")
-    cache = cache if cache is not None else {}
-    key = ("ids", tok.fingerprint, len(rows), hash(text))
-    if key not in cache:
-        cache[key] = tok.encode_batch([text])[0]
-    ids = cache[key]
+    text = wikitext_text(rows)  # as evaluate_wikitext joins the test split (rows already end with "\n")
+    ids = wikitext_ids(tok, text)  # tokenized once per process: the run's references read the same ids
     with _final_model(model_dir, cfg, device) as (model, device):
         def logits_fn(x):  # float32, no autocast: every WikiText-2 figure follows evaluate.EVAL_DTYPE
             return model(x).float()

@@ -279,6 +279,19 @@ def wikitext_text(rows: Sequence[str]) -> str:
     return "\n\n".join(rows)
 
 
+_WIKITEXT_IDS: dict = {}  # (tokenizer fingerprint, text length, text hash) -> ids: one entry, the latest
+
+
+def wikitext_ids(tok, text: str) -> list[int]:
+    """`text` (the WikiText-2 validation text) tokenized by `tok`, once per process and tokenizer: a study's trials
+    share a process, and the run's references and the objective read the same ids."""
+    key = (tok.fingerprint, len(text), hash(text))
+    if key not in _WIKITEXT_IDS:
+        _WIKITEXT_IDS.clear()
+        _WIKITEXT_IDS[key] = tok.encode_batch([text])[0]
+    return _WIKITEXT_IDS[key]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A run's references
 # ---------------------------------------------------------------------------------------------------------

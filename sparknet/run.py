@@ -417,9 +417,6 @@ def wants_wikitext_references(cfg: RunConfig, extra_tags: dict[str, str] | None 
                 or (extra_tags or {}).get("sparknet.objective") == WIKITEXT_VALID)
 
 
-_WIKITEXT_IDS: dict = {}  # (tokenizer fingerprint, text) -> token ids of the WikiText-2 validation text
-
-
 def score_references(cfg: RunConfig, prepared, val_loss: dict[str, float], tracker, step: int, *,
                      wikitext: bool = False) -> dict:
     """The count-table references of the run (`sparknet.references`): unigram and bigram models of exactly the tokens
@@ -430,7 +427,7 @@ def score_references(cfg: RunConfig, prepared, val_loss: dict[str, float], track
     result's fields (`References.result_fields`); a failure is a recorded gap (`references_skipped`), never a
     failed run."""
     from sparknet.model import GPTShape
-    from sparknet.references import past_bigram, run_references, wikitext_text
+    from sparknet.references import past_bigram, run_references, wikitext_ids, wikitext_text
 
     tok = prepared.tokenizer
     ids, text_bytes, skipped = None, None, ""
@@ -439,11 +436,7 @@ def score_references(cfg: RunConfig, prepared, val_loss: dict[str, float], track
 
         try:
             text = wikitext_text(load_wikitext("validation", cfg.eval.wikitext_path or None))
-            key = (tok.fingerprint, len(text), hash(text))
-            if key not in _WIKITEXT_IDS:  # a study's trials share one process: tokenized once
-                _WIKITEXT_IDS.clear()
-                _WIKITEXT_IDS[key] = tok.encode_batch([text])[0]
-            ids, text_bytes = _WIKITEXT_IDS[key], len(text.encode("utf-8"))
+            ids, text_bytes = wikitext_ids(tok, text), len(text.encode("utf-8"))
         except Exception as exc:  # an unreadable split is a recorded gap, as in score_wikitext
             skipped = str(exc) if isinstance(exc, SparknetError) else f"{type(exc).__name__}: {exc}"
     try:

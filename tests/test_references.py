@@ -270,3 +270,24 @@ def test_a_run_logs_its_references(tmp_path, write_jsonl, one_torch_thread, caps
     saved = json.loads((out.run_dir / "result.json").read_text())
     state = json.loads((out.run_dir / "state.json").read_text())
     assert saved["val_ref_bigram"] == state["result"]["val_ref_bigram"] == r["val_ref_bigram"]
+
+
+def test_the_wikitext_text_is_tokenized_once_per_process_and_tokenizer():
+    """A trial's references and its wikitext-valid objective read the same ids, tokenized once for the whole study."""
+    from types import SimpleNamespace
+
+    from sparknet.references import wikitext_ids
+
+    calls = []
+
+    def tok(fingerprint):
+        def encode_batch(texts):
+            calls.append(fingerprint)
+            return [[len(texts[0]), ord(texts[0][0])]]
+        return SimpleNamespace(fingerprint=fingerprint, encode_batch=encode_batch)
+
+    a, b = tok("a"), tok("b")
+    assert wikitext_ids(a, "= Valkyria =\n") == [13, ord("=")] and wikitext_ids(a, "= Valkyria =\n") == [13, 61]
+    assert calls == ["a"]
+    assert wikitext_ids(b, "= Valkyria =\n") == [13, 61] and calls == ["a", "b"]  # another tokenizer: its own ids
+    assert wikitext_ids(b, "other text") == [10, ord("o")] and calls == ["a", "b", "b"]  # another text
