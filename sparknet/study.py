@@ -298,7 +298,8 @@ def conclude(kind: StudyKind, study, confirm: bool, poll_s: float = 2.0) -> dict
     plan = kind.confirmation(study) if confirm else None
     if plan is None:
         return summary
-    with study_job(kind, study, "confirm", plan.key) as state:
+    # Once per answer and full budget: a full budget set after the study (not part of its identity) is a new run.
+    with study_job(kind, study, "confirm", f"{plan.key} at {plan.config.mixture.total_tokens} tokens") as state:
         if state != "mine":
             print(f"--confirm: {plan.run} " + ("was done by another worker" if state == "done"
                                                else f"is being trained by {state}"), flush=True)

@@ -276,11 +276,16 @@ def test_a_run_that_fails_after_training_keeps_its_learning_curve_when_it_resume
     assert main(argv) == 0 and "wrote " in capsys.readouterr().out
     assert (lab / "experiments" / "resumecurve" / "README.md").read_text() == text
 
-    # The full budget (best.yaml's) may be set after the study: nothing trains again, the summary is written for it.
+    # The full budget (best.yaml's) may be set after the study: no trial trains again, the summary is written for it,
+    # and --confirm trains best.yaml at each new full budget once.
     n_trials = len(load(url, "resumecurve").trials)
     for full, says in ((PROXY, "The runs trained the full budget itself"),
                        (PROXY // 2, f"The proxies ({PROXY:,} tokens) train longer than the full budget")):
-        assert main([*argv, f"mixture.total_tokens={full}"]) == 0 and "wrote " in capsys.readouterr().out
+        assert main([*argv, "--confirm", f"mixture.total_tokens={full}"]) == 0
+        out = capsys.readouterr().out
+        assert "wrote " in out and f"at the full budget ({full:,} tokens)" in out, out[-2000:]
+        assert main([*argv, "--confirm", f"mixture.total_tokens={full}"]) == 0
+        assert "--confirm: the full-budget run of best.yaml was done" in capsys.readouterr().out  # done already for this budget: not trained again
         assert says in (lab / "experiments" / "resumecurve" / "README.md").read_text()
         best = (lab / "experiments" / "resumecurve" / "best.yaml").read_text()
         assert f"total_tokens: {full}" in best
